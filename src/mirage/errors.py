@@ -1,0 +1,9 @@
+"""Errors a user can act on. The CLI prints their message as one line and exits 1 (2 for usage)."""
+
+
+class MirageError(Exception):
+    """Something is wrong with the input or the environment; the message says what and what to do."""
+
+
+class UsageError(MirageError, ValueError):
+    """A bad argument: exit code 2."""
