@@ -70,7 +70,9 @@ class Schedule:
         return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
 
     def forward(self, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
-        """q(x_t | x_0) (A.1); t may be one timestep or one per batch item."""
+        """q(x_t | x_0) (A.1); t may be one timestep or one per batch item. CLEAN gives x0 itself."""
+        if isinstance(t, int) and t == CLEAN:
+            return x0
         a = _per_item(self.alphas_cumprod, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 

@@ -41,13 +41,12 @@ class Cond:
             return torch.cat(parts)
         return Cond(**{f.name: join(f.name) for f in fields(Cond)})
 
+    def take(self, index: slice | list[int]) -> "Cond":
+        return Cond(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                       for f in fields(self)})
+
     def map_image(self, fn: Callable[[Tensor], Tensor]) -> "Cond":
         return self if self.image is None else replace(self, image=fn(self.image))
-
-    def repeat(self, n: int) -> "Cond":
-        """Each item n times in a row (item 0, 0, ..., 1, 1, ...)."""
-        return Cond(**{f.name: None if getattr(self, f.name) is None
-                       else getattr(self, f.name).repeat_interleave(n, dim=0) for f in fields(self)})
 
     def with_image(self, image: Tensor, level: Tensor | None = None) -> "Cond":
         return replace(self, image=image, level=level)
