@@ -37,8 +37,13 @@ def _apply(view, x: Tensor) -> Tensor:
     return x if view is None else view.view(x)
 
 
-def _invert(view, x: Tensor | None) -> Tensor | None:
-    return x if view is None or x is None else view.inverse(x)
+def _invert(view, x: Tensor) -> Tensor:
+    return x if view is None else view.inverse(x)
+
+
+def _invert_variance(view, v: Tensor) -> Tensor:
+    # IF's variance code is not a signed image: negate maps it back unchanged
+    return v if view is None else view.inverse_variance(v)
 
 
 def estimate(model: Denoiser, x: Tensor, t: int, terms: list[Term], guidance: float,
@@ -58,7 +63,7 @@ def estimate(model: Denoiser, x: Tensor, t: int, terms: list[Term], guidance: fl
     var = None if var is None else var.unflatten(0, (len(branches), len(terms), x.shape[0]))[-1]
     per_term = cfg(eps[-1], eps[0], guidance) if guided else eps[-1]
     epss = [_invert(term.view, e) for term, e in zip(terms, per_term)]
-    vars_ = None if var is None else [_invert(term.view, v) for term, v in zip(terms, var)]
+    vars_ = None if var is None else [_invert_variance(term.view, v) for term, v in zip(terms, var)]
     if reduce == "sum":
         combined = sum(term.component(e) for term, e in zip(terms, epss))
     else:

@@ -89,8 +89,11 @@ class Schedule:
         ratio = self.num_train_timesteps // steps
         return [i * ratio for i in reversed(range(steps))]
 
-    def strided(self, start: int = 990, stride: int = 30) -> list[int]:
-        """The course's strided list: start, start - stride, ..., 0."""
+    def strided(self, start: int | None = None, stride: int | None = None) -> list[int]:
+        """The course's strided list, 990, 960, ..., 0 for T = 1000, scaled for other T."""
+        T = self.num_train_timesteps
+        start = T - T // 100 if start is None else start
+        stride = max(1, 3 * T // 100) if stride is None else stride
         return list(range(start, -1, -stride))
 
     # ---- what a step needs of the schedule ----------------------------------------------------
