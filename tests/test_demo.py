@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -153,3 +154,15 @@ def test_every_image_and_animation_loads_in_chromium(run, tmp_path):
     assert found, "the page did not finish loading in Chromium"
     result = json.loads(found.group(1).replace("&quot;", '"'))
     assert result["bad"] == [] and result["total"] >= 60
+
+
+def test_the_same_page_is_made_with_an_if_model(tiny_if_models, tmp_path):
+    page = demo.run_demo(tmp_path / "if", model=str(tiny_if_models.stage_1), device="cpu", quick=True,
+                         progress=False)
+    parsed = Page()
+    parsed.feed(page.read_text(encoding="utf-8"))
+    assert parsed.sections == ORDER
+    assert all((page.parent / src).is_file() for src in parsed.srcs)
+    prompts = {read_settings(page.parent / "a-anagram0-identity.png")["prompts"][0]}
+    assert prompts == {demo.PLANS["if"].anagrams[0][0]}
+    assert "Part B trains mirage's own small UNets" in unescape(page.read_text())

@@ -234,7 +234,8 @@ def _best(d: Demo, images: Tensor, labels: list[list[str]], maps) -> tuple[Tenso
 def _candidate_sheet(d: Demo, file: str, images: Tensor, order: Tensor, seeds: list[int], title: str) -> Figure:
     from .io import contact_sheet, to_pil
 
-    sheet = contact_sheet([[(to_pil(images[k]), f"seed {seeds[k]}") for k in order.tolist()]], cell=56)
+    cells = [(to_pil(images[k]), f"seed {seeds[k]}") for k in order.tolist()]
+    sheet = contact_sheet([cells[i:i + 4] for i in range(0, len(cells), 4)], cell=4 * d.model.size)
     d.out.save_image(file, sheet, dict(title=title))
     return Figure(file, f"all {len(images)} candidates", dict(order="best first", seeds=[seeds[k] for k in order]),
                   smooth=True)
