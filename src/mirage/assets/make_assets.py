@@ -3,8 +3,8 @@ extra installed and the data sets found by mirage.train.data):
 
     python src/mirage/assets/make_assets.py
 
-- fashion_test.png, digits_test.png: item 0 of the Fashion-MNIST / MNIST test sets (28 px, an ankle boot and
-  a 7), the "real test image" of the course for the built-in models.
+- fashion_test.png, digits_test.png: item 0 of the Fashion-MNIST / MNIST test sets (28 px: an ankle boot and
+  a 0), the "real test image" of the course for the built-in models.
 - fashion_sketch.png, digits_sketch.png: 28-px hand drawings (a T-shirt outline, a 4) as strokes on black,
   the way the data sets draw them.
 - photo.png: scikit-image's `chelsea` (a cat, public domain) centre-cropped to 64 px, the test photo for IF.
