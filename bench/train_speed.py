@@ -24,10 +24,11 @@ def train_speed(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for widths in args.widths:
         for batch in args.batch:
-            for compiled in ([False, True] if args.compile else [False]):
+            for compiled, layout in _variants(args):
                 cfg = TrainConfig(kind="ddpm", data=args.data, root=args.root, classes=True, batch_size=batch,
                                   epochs=100, compile=compiled)
                 cfg.model = make_model_config(cfg, widths=_widths(widths))
+                cfg.channels_last = layout == torch.channels_last
                 trainer = Trainer(cfg, Path("/nonexistent"), device, quiet=True)
                 t0 = time.perf_counter()
                 for i in range(args.warmup):
@@ -39,8 +40,14 @@ def train_speed(args) -> None:
                     trainer.train_step(0, i % trainer.steps_per_epoch)
                 _sync(device)
                 dt = time.perf_counter() - t0
-                print(f"train widths={widths} batch={batch} compile={compiled}: {args.steps * batch / dt:,.0f} img/s, "
-                      f"{dt / args.steps * 1e3:.2f} ms/step (warm-up {warm:.1f} s) on {device}", flush=True)
+                cl = "channels_last" if layout == torch.channels_last else "nchw"
+                print(f"train widths={widths} batch={batch} compile={compiled} {cl}: "
+                      f"{args.steps * batch / dt:,.0f} img/s, {dt / args.steps * 1e3:.2f} ms/step (warm-up {warm:.1f} s) on {device}", flush=True)
+
+
+def _variants(args) -> list:
+    layouts = [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else [])
+    return [(c, m) for c in ([False, True] if args.compile else [False]) for m in layouts]
 
 
 def cpu_latency(args) -> None:
@@ -85,6 +92,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--compile", action="store_true", help="also time torch.compile")
+    t.add_argument("--channels-last", action="store_true", help="also time the channels-last memory layout")
     c = sub.add_parser("cpu")
     c.add_argument("--widths", nargs="+", default=["32,64,128"])
     c.add_argument("--batch-size", type=int, default=4)

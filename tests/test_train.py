@@ -2,7 +2,6 @@
 Everything runs on tiny generated data (no system data sets) and tiny widths."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal

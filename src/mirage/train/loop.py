@@ -48,6 +48,7 @@ class TrainConfig:
     checkpoint_every: float = 120.0  # seconds between checkpoints within an epoch
     log_every: int = 25
     compile: bool = False
+    channels_last: bool = False  # memory layout of the convolutions' activations (CUDA)
     model: dict = field(default_factory=dict)
 
     @classmethod
@@ -123,6 +124,9 @@ class Trainer:
         self.net = UNet(cfg.model).to(device)
         self.ema = UNet(cfg.model).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.net.state_dict())
+        if cfg.channels_last:  # in place: the optimizer below sees the same parameters either way
+            self.net.to(memory_format=torch.channels_last)
+            self.ema.to(memory_format=torch.channels_last)
         fused = device.type == "cuda"
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=fused or None)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
@@ -130,6 +134,7 @@ class Trainer:
             self.alphas_cumprod = Schedule.from_config(cfg.model["schedule"]).alphas_cumprod.to(device)
         self.gen = torch.Generator(device)
         self.step = 0
+        self._perm, self._perm_epoch = None, None  # this epoch's order of the data
 
     # -- state -----------------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -153,7 +158,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
-        if getattr(self, "_perm_epoch", None) != epoch:
+        if self._perm_epoch != epoch:
             perm_gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 100_003 + epoch)
             self._perm = torch.randperm(len(self.images), device=self.device, generator=perm_gen)
             self._perm_epoch = epoch
@@ -209,7 +214,7 @@ class Trainer:
                 if not math.isfinite(loss):
                     bar.close()
                     kept = (f"the last good checkpoint (step {good_step}) is kept in {self.run}" if good_step
-                            else f"no checkpoint had been written yet; try a lower --lr")
+                            else "no checkpoint had been written yet; try a lower --lr")
                     print(f"mirage train: loss became {loss} at step {self.step}; stopped: {kept}", file=sys.stderr)
                     return 1
                 runs.append_metrics(self.run, {"step": self.step, "loss": loss, "img_per_s": round(rate),
