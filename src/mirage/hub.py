@@ -159,26 +159,76 @@ def read_config(folder: Path, part: str) -> dict:
         raise MirageError(f"cannot read {path}: {_first_line(e)}") from None
 
 
-def load_unet(folder: Path, part: str, device: torch.device, dtype: torch.dtype):
+def variant_files(part_dir: Path, dtype: torch.dtype) -> list[Path]:
+    """The safetensors files `from_pretrained` would read for this precision: one file, or a sharded set
+    named by its index."""
+    fp16 = variant(part_dir, dtype) == "fp16"
+    chosen = [f for f in weight_files(part_dir) if (".fp16" in f.name) == fp16]
+    index = [f for f in chosen if f.suffix == ".json"]
+    if index:
+        shards = json.loads(index[0].read_text())["weight_map"].values()
+        return [part_dir / name for name in dict.fromkeys(shards)]
+    return chosen
+
+
+def load_unet(folder: Path, part: str, device: torch.device, dtype: torch.dtype, plan=None,
+              channels_last: bool = False):
+    """A diffusers UNet built from its config on the meta device and filled by memory.place."""
     from diffusers import UNet2DConditionModel
 
+    from . import memory
+
     with _loading(folder, part):
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder=part, variant=variant(folder / part, dtype),
-                                                    torch_dtype=dtype, use_safetensors=True)
-    return unet.to(device).eval().requires_grad_(False)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(read_config(folder, part))
+        memory.place(unet, variant_files(folder / part, dtype), torch.device(device), dtype,
+                     plan or memory.Plan("gpu"), channels_last)
+    return unet.eval()
 
 
-def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
+def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype, plan=None):
     """(tokenizer, T5EncoderModel) from the text_encoder/ and tokenizer/ parts of `folder`."""
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from . import memory
 
     _require_protobuf_for_spiece(folder / TOKENIZER)
     with _loading(folder, TOKENIZER):
         tokenizer = AutoTokenizer.from_pretrained(folder, subfolder=TOKENIZER)
+    plan = plan or memory.Plan("gpu")
     with _loading(folder, TEXT_ENCODER):
-        model = T5EncoderModel.from_pretrained(folder, subfolder=TEXT_ENCODER, dtype=dtype, use_safetensors=True,
-                                               variant=variant(folder / TEXT_ENCODER, dtype))
-    return tokenizer, model.to(device).eval().requires_grad_(False)
+        if plan.name == "8bit":
+            return tokenizer, _t5_8bit(folder, device, dtype)
+        with torch.device("meta"):
+            model = T5EncoderModel(T5Config.from_pretrained(folder, subfolder=TEXT_ENCODER))
+        memory.place(model, variant_files(folder / TEXT_ENCODER, dtype), torch.device(device), dtype, plan)
+    return tokenizer, model.eval()
+
+
+def _t5_8bit(folder: Path, device: torch.device, dtype: torch.dtype):
+    """T5 quantized to int8 while loading, by bitsandbytes through transformers (the 8bit plan)."""
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(folder, subfolder=TEXT_ENCODER, dtype=dtype, use_safetensors=True,
+                                          variant=variant(folder / TEXT_ENCODER, dtype), device_map={"": device},
+                                          quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+
+
+def text_sizes(folder: Path, dtype: torch.dtype):
+    """What T5 needs for memory.choose_plan: its weights, a little working memory (it runs once on 77
+    tokens a prompt), and whether it can be quantized to 8 bits here."""
+    from . import memory
+
+    return memory.Sizes(weights_bytes(folder, TEXT_ENCODER, dtype), work=memory.GiB // 2,
+                        int8=importlib.util.find_spec("bitsandbytes") is not None)
+
+
+def weights_bytes(folder: Path, part: str, dtype: torch.dtype) -> int:
+    """The bytes a part's weights take in `dtype`, read from the file headers alone."""
+    from . import memory
+
+    with _loading(folder, part):
+        return memory.weights_bytes(variant_files(folder / part, dtype), dtype)
 
 
 def _require_protobuf_for_spiece(tokenizer_dir: Path) -> None:
@@ -212,6 +262,7 @@ def release(device: torch.device) -> None:
     """Give freed weights' memory back: collect the cycles that keep modules alive, empty the CUDA cache."""
     gc.collect()
     if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
 

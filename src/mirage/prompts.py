@@ -1,7 +1,8 @@
 """Text -> condition for DeepFloyd IF: T5 embeddings, computed once ever and cached on disk.
 
-T5 v1.1 XXL (4.8 B parameters) is as large as IF's UNet, so it is loaded alone, encodes every prompt of
-the run that is not cached yet in one go, and is freed before any UNet loads. Each embedding is kept in
+T5 v1.1 XXL (4.8 B parameters) is as large as IF's UNet, so it is loaded alone, under a memory plan
+(memory.py: on the GPU, streamed through it layer by layer, in 8 bits or on the CPU), encodes every prompt
+of the run that is not cached yet in one go, and is freed before any UNet loads. Each embedding is kept in
 <cache>/embeds/<hash>.safetensors, keyed by the encoder's identity, its precision and the exact prompt; a
 cache hit never loads T5. The null prompt is "" and goes through T5 like any other, as diffusers does.
 """
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import hub
+from . import hub, memory
 
 MAX_LENGTH = 77  # IF's T5 was trained on 77 tokens (IFPipeline.encode_prompt)
 BATCH = 16  # prompts per T5 forward pass
@@ -34,11 +35,13 @@ def preprocess(prompt: str) -> str:
 
 
 class PromptEncoder:
-    """T5 prompt embeddings [N, 77, D] from model `ref` (a stage-I hub id or folder: its text_encoder/)."""
+    """T5 prompt embeddings [N, 77, D] from model `ref` (a stage-I hub id or folder: its text_encoder/),
+    with T5 placed by memory plan `memory` (memory.PLANS)."""
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, memory: str = "auto"):
         self.ref = ref
+        self.memory = memory
         self.device = torch.device(device)
         self.dtype = dtype or hub.default_dtype(self.device)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -59,7 +62,18 @@ class PromptEncoder:
     # ---- T5, loaded alone and freed ---------------------------------------------------------------
     def _run_t5(self, prompts: list[str]) -> list[Tensor]:
         folder = hub.resolve(self.ref, hub.TEXT_PARTS, self.dtype)
-        tokenizer, model = hub.load_text_encoder(folder, self.device, self.dtype)
+        sizes = hub.text_sizes(folder, self.dtype)
+        plan = memory.plan_for(self.memory, self.device, sizes)
+        while True:
+            try:
+                return self._run_t5_as(plan, folder, prompts)
+            except torch.OutOfMemoryError:
+                pass  # leave the except block first: its traceback holds the failed attempt's tensors
+            hub.release(self.device)
+            plan = memory.fall_back(plan, sizes.weights, "T5")
+
+    def _run_t5_as(self, plan: memory.Plan, folder: Path, prompts: list[str]) -> list[Tensor]:
+        tokenizer, model = hub.load_text_encoder(folder, memory.compute_device(plan, self.device), self.dtype, plan)
         try:
             out = []
             for i in range(0, len(prompts), BATCH):

@@ -1,23 +1,27 @@
 """DeepFloyd IF stage I (text -> 64 px) and stage II (64 -> 256 px upscaler) as Denoisers, via diffusers.
 
 Sizes, channels and schedules come from the model's own configs. The UNet is loaded on the first call, so
-that prompts are encoded (and T5 freed) before it takes any memory.
+that prompts are encoded (and T5 freed) before it takes any memory, under a memory plan (memory.py) chosen
+then from the free memory, or named. On a GPU with the whole UNet resident, each input shape's call is
+captured once as a CUDA graph and replayed. A CUDA out-of-memory error drops the graphs, then moves to the
+next leaner plan, with a one-line note, and the call is retried.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import hub
+from .. import hub, memory
 from ..errors import MirageError, UsageError
 from ..prompts import PromptEncoder
 from ..schedule import Schedule
 from .base import Cond
 
-MEMORY_PLANS = ("auto", "gpu")  # the leaner plans (offload, 8-bit T5, ...) come with the memory work
+MEMORY_PLANS = memory.PLANS
 
 
 def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
@@ -31,18 +35,19 @@ def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype 
     sched_cfg = hub.read_config(folder, hub.SCHEDULER)
     _, cond_channels, _ = _shape(hub.read_config(folder, hub.UNET), _learned(sched_cfg), folder)
     cls = IFUpscaler if cond_channels else IFStage
-    return cls(ref, device, dtype, text_encoder=text_encoder_from, cache_dir=cache_dir)
+    return cls(ref, device, dtype, text_encoder=text_encoder_from, cache_dir=cache_dir, memory=memory)
 
 
 class IFStage:
     """One IF stage (stage I here, stage II in IFUpscaler) from a hub id or a folder in the hub's layout.
 
     Prompts are encoded by the T5 of `text_encoder` (default: `ref` itself); give stage II the stage-I
-    model there, whose T5 IF shares.
+    model there, whose T5 IF shares. `memory` is a plan name (memory.PLANS); `plan` is the plan in force
+    once the UNet has loaded. Results come back on `device` whatever the plan computes on.
     """
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 text_encoder: str | None = None, cache_dir: str | Path | None = None):
+                 text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto"):
         self._device = torch.device(device)
         self._dtype = dtype or hub.default_dtype(self._device)
         self.ref = ref
@@ -55,8 +60,14 @@ class IFStage:
         if self.is_upscaler != isinstance(self, IFUpscaler):
             raise MirageError(f"{ref} is an IF stage-{'II upscaler' if self.is_upscaler else 'I'} model; "
                               f"pass it as {'--upscaler' if self.is_upscaler else '--model'}")
-        self.text = PromptEncoder(text_encoder or ref, self._device, self._dtype, cache_dir)
+        if memory not in MEMORY_PLANS:
+            raise UsageError(f"memory plan {memory!r} is not available; use one of {', '.join(MEMORY_PLANS)}")
+        self.memory = memory
+        self.text = PromptEncoder(text_encoder or ref, self._device, self._dtype, cache_dir, memory)
+        self.plan: memory.Plan | None = None
         self._unet = None
+        self._graphs = None
+        self.use_graphs = True  # capture CUDA graphs when the whole UNet is on a GPU
 
     @property
     def device(self) -> torch.device:
@@ -74,43 +85,147 @@ class IFStage:
         return Cond(embeds=self.text.encode(prompts))
 
     # ---- the UNet -----------------------------------------------------------------------------------
+    def sizes(self) -> memory.Sizes:
+        return memory.Sizes(hub.weights_bytes(self.folder, hub.UNET, self._dtype), work=self._work())
+
+    def _work(self) -> int:
+        """Activation memory for calls of up to 8 images (larger batches that do not fit fall back): about
+        16 tensors at full resolution and the first block's width a image, plus library workspaces."""
+        cfg = hub.read_config(self.folder, hub.UNET)
+        per_image = 16 * self.size**2 * cfg["block_out_channels"][0] * self._dtype.itemsize
+        return 8 * per_image + memory.GiB // 2
+
     def unet(self):
+        """The UNet module, loaded (or copied back to the GPU under offload) on first use."""
         if self._unet is None:
-            unet = hub.load_unet(self.folder, hub.UNET, self._device, self._dtype)
-            if self._device.type == "cuda":
-                unet = unet.to(memory_format=torch.channels_last)
-            self._unet = unet  # diffusers' default attention processors already use SDPA
+            if self.plan is None:
+                self.plan = memory.plan_for(self.memory, self._device, self.sizes())
+            while True:
+                try:
+                    self._unet = self._load(self.plan)
+                    break
+                except torch.OutOfMemoryError:
+                    pass  # leave the except block first: its traceback holds the failed attempt's tensors
+                self._lean()
         return self._unet
 
+    def _load(self, plan: memory.Plan):
+        device = memory.compute_device(plan, self._device)
+        offload = getattr(self, "_offloaded", None)
+        if offload is not None:  # offload: the weights are in RAM already
+            offload.mirage_offload.to_device()
+            unet = offload
+        else:
+            resident = plan.name == "gpu" and device.type == "cuda"
+            unet = hub.load_unet(self.folder, hub.UNET, device, self._dtype, plan, resident)
+            self._offloaded = unet if plan.name == "offload" else None
+        if plan.name in ("gpu", "offload") and device.type == "cuda" and self.use_graphs:
+            self._graphs = _Graphs(unet)
+        return unet
+
     def free(self) -> None:
-        """Drop the UNet (it is loaded again on the next call)."""
-        self._unet = None
+        """Drop the UNet from the GPU: it is loaded again (under offload: copied back from RAM) on next use."""
+        if self._unet is not None and self.plan is not None and self.plan.name == "offload":
+            self._unet.mirage_offload.to_host()
+        else:
+            self._offloaded = None
+        self._unet = self._graphs = None
         hub.release(self._device)
+
+    def _lean(self) -> None:
+        """After an out-of-memory error: first stop using CUDA graphs, then move to a leaner plan."""
+        if self._graphs is not None:
+            self._graphs = None
+            self.use_graphs = False
+            hub.release(self._device)
+            warnings.warn(f"{self.ref}: out of GPU memory with CUDA graphs; continuing without them", stacklevel=3)
+            return
+        self._unet = self._offloaded = None
+        hub.release(self._device)
+        self.plan = memory.fall_back(self.plan, self.sizes().weights, str(self.ref))
 
     def __call__(self, x: Tensor, t: int, cond: Cond) -> tuple[Tensor, Tensor | None]:
         if self.is_upscaler and (cond.image is None or cond.level is None):
             raise ValueError("IF stage II needs cond.image and cond.level (from noised_condition)")
-        inp = x if cond.image is None else torch.cat([x, cond.image.to(x)], dim=1)
-        inp = inp.to(self._device, self._dtype)
-        if self._device.type == "cuda":
-            inp = inp.contiguous(memory_format=torch.channels_last)
-        level = None if cond.level is None else cond.level.to(self._device)
-        with torch.no_grad():  # not inference_mode: callers may update the results in place
-            out = self.unet()(inp, torch.tensor(t, device=self._device), return_dict=False, class_labels=level,
-                              encoder_hidden_states=cond.embeds.to(self._device, self._dtype))[0]
-        out = out.float()
+        while True:
+            try:
+                out = self._forward(x, t, cond)
+                break
+            except torch.OutOfMemoryError:
+                pass  # leave the except block first: its traceback holds the failed call's tensors
+            self._lean()
+        out = out.float().to(x.device)
         if not self.learned_variance:
             return out, None
         eps, var = out.split(self.channels, dim=1)
         return eps, var
+
+    def _forward(self, x: Tensor, t: int, cond: Cond) -> Tensor:
+        unet = self.unet()
+        device = memory.compute_device(self.plan, self._device)
+        inp = x if cond.image is None else torch.cat([x, cond.image.to(x)], dim=1)
+        inp = inp.to(device, self._dtype)
+        if self.plan.name in ("gpu", "offload") and device.type == "cuda":
+            inp = inp.contiguous(memory_format=torch.channels_last)  # as the resident weights are laid out
+        level = None if cond.level is None else cond.level.to(device)
+        embeds = cond.embeds.to(device, self._dtype)
+        with torch.no_grad():  # not inference_mode: callers may update the results in place
+            if self._graphs is not None:
+                return self._graphs(inp, t, embeds, level)
+            return unet(inp, torch.tensor(t, device=device), return_dict=False, class_labels=level,
+                        encoder_hidden_states=embeds)[0]
+
+
+class _Graphs:
+    """The UNet call replayed from CUDA graphs, one per input shape, sharing one memory pool.
+
+    A 4.3 B-parameter UNet launches about two thousand kernels a call; from Python that takes longer than
+    the GPU needs for them at small batches. A replay launches them all at once. Inputs are copied into the
+    graph's own tensors; the output is the graph's own tensor, valid until the next replay.
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[dict, torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def __call__(self, sample: Tensor, t: int, embeds: Tensor, level: Tensor | None) -> Tensor:
+        key = (tuple(sample.shape), tuple(embeds.shape), None if level is None else tuple(level.shape))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(sample, embeds, level)
+        inputs, graph, out = self.graphs[key]
+        inputs["sample"].copy_(sample)
+        inputs["t"].fill_(t)
+        inputs["embeds"].copy_(embeds)
+        if level is not None:
+            inputs["level"].copy_(level)
+        graph.replay()
+        return out
+
+    def _run(self, inputs: dict) -> Tensor:
+        return self.unet(inputs["sample"], inputs["t"], return_dict=False, class_labels=inputs["level"],
+                         encoder_hidden_states=inputs["embeds"])[0]
+
+    def _capture(self, sample: Tensor, embeds: Tensor, level: Tensor | None):
+        inputs = dict(sample=sample.clone(), t=torch.zeros((), dtype=torch.long, device=sample.device),
+                      embeds=embeds.clone(), level=None if level is None else level.clone())
+        side = torch.cuda.Stream(sample.device)
+        side.wait_stream(torch.cuda.current_stream(sample.device))
+        with torch.cuda.stream(side):  # warm-up: libraries pick algorithms and allocate workspaces outside
+            self._run(inputs)
+        torch.cuda.current_stream(sample.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._run(inputs)
+        return inputs, graph, out
 
 
 class IFUpscaler(IFStage):
     """IF stage II: denoises at `size` conditioned on a low-res image upscaled and noised to a level."""
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 text_encoder: str | None = None, cache_dir: str | Path | None = None):
-        super().__init__(ref, device, dtype, text_encoder, cache_dir)
+                 text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto"):
+        super().__init__(ref, device, dtype, text_encoder, cache_dir, memory)
         folder = hub.resolve(ref, (hub.NOISING,), self._dtype)
         self.noising = Schedule.from_config(hub.read_config(folder, hub.NOISING))
 
