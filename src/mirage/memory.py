@@ -304,15 +304,18 @@ def _align(n: int) -> int:
     return -(-n // 256) * 256
 
 
-def _host_buffer(n: int, pin: bool) -> Tensor:
-    """n bytes of RAM, page-locked for asynchronous copies when `pin`. Registered rather than allocated
-    pinned: torch's pinned allocator rounds sizes up to a power of two and keeps freed blocks."""
-    buffer = torch.empty(n, dtype=torch.uint8)
-    if pin and n:
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(buffer.data_ptr(), n, 0)) == 0:
-            weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
-    return buffer
+class _HostMemory:
+    """n bytes of RAM, page-locked for asynchronous copies when `pin`, unlocked when the last group using it
+    goes. Registered rather than allocated pinned: torch's pinned allocator rounds sizes up to a power of
+    two and keeps freed blocks."""
+
+    def __init__(self, n: int, pin: bool):
+        self.buffer = torch.empty(n, dtype=torch.uint8)
+        self.registered = pin and n > 0 and int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), n, 0)) == 0
+
+    def __del__(self):
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
 
 
 @dataclass
@@ -322,7 +325,8 @@ class _Group:
     module: nn.Module
     bindings: list[Binding]
     layout: _Flat
-    buffer: Tensor | None = None  # its bytes of the host buffer
+    memory: _HostMemory | None = None  # the RAM it lives in (kept alive, and locked, by its groups)
+    buffer: Tensor | None = None  # its bytes of that memory
     host: list[Tensor] | None = None  # the tensors, viewing `buffer`
 
 
@@ -355,10 +359,10 @@ def place(model: nn.Module, files: list[Path], device: torch.device, dtype: torc
         return dtype if e.dtype.is_floating_point else e.dtype
 
     groups = _host_groups(model, plan, tensors, dtype_of)
-    host = _host_buffer(_align(sum(_align(g.layout.nbytes) for g in groups)), pin=device.type == "cuda")
+    host = _HostMemory(sum(_align(g.layout.nbytes) for g in groups), pin=device.type == "cuda")
     in_ram, offset = {}, 0
     for g in groups:
-        g.buffer = host[offset:offset + g.layout.nbytes]
+        g.memory, g.buffer = host, host.buffer[offset:offset + g.layout.nbytes]
         g.host = g.layout.views(g.buffer)
         offset += _align(g.layout.nbytes)
         in_ram.update({id(b): view for b, view in zip(g.bindings, g.host)})

@@ -46,6 +46,7 @@ class PromptEncoder:
         self.dtype = dtype or hub.default_dtype(self.device)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._identity: str | None = None
+        self.plan: memory.Plan | None = None  # the plan T5 last ran under
 
     def encode(self, prompts: list[str]) -> Tensor:
         found = {p: self._read(p) for p in dict.fromkeys(prompts)}
@@ -66,6 +67,7 @@ class PromptEncoder:
         plan = memory.plan_for(self.memory, self.device, sizes)
         while True:
             try:
+                self.plan = plan
                 return self._run_t5_as(plan, folder, prompts)
             except torch.OutOfMemoryError:
                 pass  # leave the except block first: its traceback holds the failed attempt's tensors

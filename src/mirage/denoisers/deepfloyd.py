@@ -67,6 +67,7 @@ class IFStage:
         self.plan: memory.Plan | None = None
         self._unet = None
         self._graphs = None
+        self._offloaded = None  # under offload: the UNet, its weights in RAM while the stage is freed
         self.use_graphs = True  # capture CUDA graphs when the whole UNet is on a GPU
 
     @property
@@ -111,10 +112,9 @@ class IFStage:
 
     def _load(self, plan: memory.Plan):
         device = memory.compute_device(plan, self._device)
-        offload = getattr(self, "_offloaded", None)
-        if offload is not None:  # offload: the weights are in RAM already
-            offload.mirage_offload.to_device()
-            unet = offload
+        if self._offloaded is not None:  # offload: the weights are in RAM already
+            self._offloaded.mirage_offload.to_device()
+            unet = self._offloaded
         else:
             resident = plan.name == "gpu" and device.type == "cuda"
             unet = hub.load_unet(self.folder, hub.UNET, device, self._dtype, plan, resident)
@@ -171,7 +171,14 @@ class IFStage:
         embeds = cond.embeds.to(device, self._dtype)
         with torch.no_grad():  # not inference_mode: callers may update the results in place
             if self._graphs is not None:
-                return self._graphs(inp, t, embeds, level)
+                try:
+                    return self._graphs(inp, t, embeds, level)
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as e:  # an operation CUDA graphs cannot capture: run it as it is
+                    warnings.warn(f"{self.ref}: CUDA graphs failed ({str(e).strip().splitlines()[0]}); "
+                                  f"running without them", stacklevel=3)
+                    self._graphs, self.use_graphs = None, False
             return unet(inp, torch.tensor(t, device=device), return_dict=False, class_labels=level,
                         encoder_hidden_states=embeds)[0]
 
@@ -207,8 +214,9 @@ class _Graphs:
                          encoder_hidden_states=inputs["embeds"])[0]
 
     def _capture(self, sample: Tensor, embeds: Tensor, level: Tensor | None):
-        inputs = dict(sample=sample.clone(), t=torch.zeros((), dtype=torch.long, device=sample.device),
-                      embeds=embeds.clone(), level=None if level is None else level.clone())
+        with torch.inference_mode(False):  # normal tensors: updated in place in and out of inference mode
+            inputs = dict(sample=sample.clone(), t=torch.zeros((), dtype=torch.long, device=sample.device),
+                          embeds=embeds.clone(), level=None if level is None else level.clone())
         side = torch.cuda.Stream(sample.device)
         side.wait_stream(torch.cuda.current_stream(sample.device))
         with torch.cuda.stream(side):  # warm-up: libraries pick algorithms and allocate workspaces outside
