@@ -107,24 +107,31 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def measure_unets(b: Bench, stages: dict, embeds, layout: str) -> None:
-    """Latency and FLOP/s of each stage's UNet call at its batch sizes, in the given weight layout."""
+def measure_unets(b: Bench, stages: dict, embeds, how: str) -> None:
+    """Latency and FLOP/s of each stage's UNet call at its batch sizes: `eager` (the module called directly,
+    weights in whatever layout they are now), `eager+cudnn.benchmark`, or `mirage` (the stage's own call:
+    its layout, CUDA graphs)."""
     for name, stage in stages.items():
+        layout = "NHWC" if stage.unet().conv_in.weight.is_contiguous(memory_format=torch.channels_last) and \
+            not stage.unet().conv_in.weight.is_contiguous() else "NCHW"
         for batch in (b.batches if name == "I" else b.batches[:1]):
             x, cond = unet_inputs(stage, batch, embeds)
-            calls = {"eager": direct_call(stage, x, cond, layout == "NHWC")}
-            if layout == "NHWC":
-                calls["graphs"] = lambda: stage(x, 500, cond)  # mirage's call: CUDA graphs on a GPU
-            flops = count_flops(calls["eager"])
-            for how, fn in calls.items():
+            eager = direct_call(stage, x, cond, layout == "NHWC")
+            fn = (lambda: stage(x, 500, cond)) if how == "mirage" else eager
+            flops = count_flops(eager)
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = how == "eager+cudnn.benchmark"
+            try:
                 with torch.no_grad():
                     seconds = b.latency(fn)
-                rate = flops / seconds
-                b.note(f"unet_{name}_b{batch}_{how}_{layout}", dict(ms=seconds * 1e3, tflops=rate / 1e12,
-                                                                    tflop_per_call=flops / 1e12),
-                       f"  stage {name:<2} batch {batch:>2}  {how:<6} {layout}: {seconds * 1e3:8.2f} ms  "
-                       f"{rate / 1e12:6.1f} TFLOP/s = {100 * rate / PEAK:5.1f} % of 790  "
-                       f"({flops / batch / 1e12:.2f} TFLOP an image)")
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
+            rate = flops / seconds
+            b.note(f"unet_{name}_b{batch}_{how}_{layout}", dict(ms=seconds * 1e3, tflops=rate / 1e12,
+                                                                tflop_per_call=flops / 1e12),
+                   f"  stage {name:<2} batch {batch:>2}  {how:<22} {layout}: {seconds * 1e3:8.2f} ms  "
+                   f"{rate / 1e12:6.1f} TFLOP/s = {100 * rate / PEAK:5.1f} % of 790  "
+                   f"({flops / batch / 1e12:.2f} TFLOP an image)")
 
 
 def reference_anagram(b: Bench, one, two, embeds, steps: int):
@@ -232,14 +239,18 @@ def main(argv=None) -> int:
 
     def reference():
         set_layout(stages, torch.contiguous_format)
-        measure_unets(b, stages, embeds, "NCHW")
+        measure_unets(b, stages, embeds, "eager")
         if_reference.anagram(one.unet(), one.schedule.config, [make_view("identity")], [embeds[:1]], embeds[2:3],
                              2, GUIDANCE, seed=0)  # warm-up
         ref["times"] = reference_anagram(b, one, two, embeds, b.steps)
 
     def calls():
         set_layout(stages, torch.channels_last)
-        measure_unets(b, stages, embeds, "NHWC")
+        measure_unets(b, stages, embeds, "eager")
+        measure_unets(b, stages, embeds, "eager+cudnn.benchmark")
+        for stage in stages.values():  # back to each stage's own layout before its graphs are captured
+            stage.unet().to(memory_format=torch.channels_last if stage.channels_last else torch.contiguous_format)
+        measure_unets(b, stages, embeds, "mirage")
 
     def anagram():
         mirage_anagram(b, one, two, [0], b.steps)  # warm-up: CUDA graphs are captured for these shapes
@@ -251,7 +262,8 @@ def main(argv=None) -> int:
                f"  reference {r1:6.2f} s + {r2:6.2f} s = {r1 + r2:6.2f} s   ({(r1 + r2) / (m1 + m2):.2f}x)")
         if ref_high is not None:
             diff = (high.cpu() - ref_high.cpu()).abs().max().item()
-            b.note("anagram_max_diff", diff, f"  max |mirage - reference| over the 256-px image: {diff:.2e}")
+            b.note("anagram_max_diff", diff, f"  max |mirage - reference| over the 256-px image: {diff:.2e}"
+                   + ("" if b.tiny else " (random fp16 weights amplify rounding: compare with --tiny, fp32)"))
 
     def candidates():
         seeds = list(range(b.candidates))
@@ -305,7 +317,7 @@ def section(fn) -> None:
 
 def targets(b: Bench, runs: list[dict]) -> None:
     r = b.results
-    big = r.get(f"unet_I_b{b.batches[-1]}_graphs_NHWC", {}).get("tflops", 0) * 1e12
+    big = r.get(f"unet_I_b{b.batches[-1]}_mirage_NHWC", {}).get("tflops", 0) * 1e12
     anagram = sum(r.get("anagram", {}).get("mirage", [float("nan")]))
     candidates = sum(r.get("candidates", {}).get("anagram", [float("nan")]))
     ok = {run.get("cap_gib"): run for run in runs if "error" not in run}

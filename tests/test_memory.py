@@ -59,9 +59,9 @@ def test_vram_free_counts_the_cache_and_the_process_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 10 * GiB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 4 * GiB)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0, raising=False)
-    assert memory.vram_free(torch.device("cuda")) == 66 * GiB  # free + reserved but unused
+    assert memory.vram_free(torch.device("cuda", 0)) == 66 * GiB  # free + reserved but unused
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.2, raising=False)
-    assert memory.vram_free(torch.device("cuda")) == 12 * GiB  # 16 GiB cap - 4 allocated
+    assert memory.vram_free(torch.device("cuda", 0)) == 12 * GiB  # 16 GiB cap - 4 allocated
 
 
 def test_unknown_plan_is_refused(tiny_if_models):

@@ -119,6 +119,8 @@ def compute_device(plan: Plan, device: torch.device) -> torch.device:
 def vram_free(device: torch.device) -> int:
     """Bytes this process can still allocate on `device`: free memory, the allocator's unused cache, and
     the cap of torch.cuda.set_per_process_memory_fraction."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
