@@ -279,9 +279,8 @@ def main(argv=None) -> int:
     print("UNet calls (median of a few):", flush=True)
     for part in (reference, calls, anagram, candidates):
         section(part)
-    one.free()
+    one.free()  # the capped runs below are fresh processes; this one gives the GPU back first
     two.free()
-    del one, two, stages, ref
 
     print("whole pipeline (T5 + stage I + stage II, one 2-view anagram) in fresh processes:", flush=True)
     runs = []

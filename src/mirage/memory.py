@@ -194,46 +194,6 @@ def _bytes_of(t: Tensor) -> Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-class _Staging:
-    """Two pinned buffers: a chunk is read from the file into one while the other is copied to the GPU."""
-
-    CHUNK = 64 * 2**20
-
-    def __init__(self):
-        self.buffers = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        self.done = [None, None]
-        self.turn = 0
-
-    def fill(self, f, entry: Entry, dst: Tensor) -> None:
-        raw = dst if dst.dtype == entry.dtype and dst.is_contiguous() else \
-            torch.empty(entry.shape, dtype=entry.dtype, device=dst.device)
-        out = _bytes_of(raw)
-        for offset in range(0, entry.nbytes, self.CHUNK):
-            n = min(self.CHUNK, entry.nbytes - offset)
-            buf = self.buffers[self.turn]
-            if self.done[self.turn] is not None:
-                self.done[self.turn].synchronize()  # its previous chunk has reached the GPU
-            _read_exact(f, entry.start + offset, buf[:n])
-            out[offset:offset + n].copy_(buf[:n], non_blocking=True)
-            self.done[self.turn] = torch.cuda.Event()
-            self.done[self.turn].record()
-            self.turn ^= 1
-        if raw is not dst:
-            dst.copy_(raw)
-
-    def finish(self) -> None:
-        torch.cuda.current_stream().synchronize()
-
-
-def _fill_on_cpu(f, entry: Entry, dst: Tensor) -> None:
-    if dst.dtype == entry.dtype and dst.is_contiguous():
-        _read_exact(f, entry.start, _bytes_of(dst))
-    else:
-        raw = torch.empty(entry.shape, dtype=entry.dtype)
-        _read_exact(f, entry.start, _bytes_of(raw))
-        dst.copy_(raw)
-
-
 # ---- placing a model's weights --------------------------------------------------------------------------
 def units_of(model: nn.Module) -> list[nn.Module]:
     """The pieces the blocks plan streams: a diffusers UNet's resnets, attentions and samplers, T5's layers."""
