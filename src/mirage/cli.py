@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 from .errors import MirageError, UsageError
 
 IF_DEFAULTS = dict(steps=100, guidance=7.0)  # IFPipeline's own defaults
-SMALL_DEFAULTS = dict(steps=30, guidance=5.0)
+# built-ins: low guidance keeps samples diverse (Frechet distance), illusions need more (builtin/README.md)
+SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_anagram=5.0, guidance_hybrid=5.0)
 
 
 # ---- argument helpers ---------------------------------------------------------------------------
@@ -45,13 +46,14 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
                    help="IF stage-II hub id or folder, or none (default: DeepFloyd/IF-II-L-v1.0 after an IF "
                         "model, none after a built-in one)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--memory", default="auto", help="memory plan for IF: auto, gpu, offload, ... (see docs)")
+    g.add_argument("--memory", default="auto", help="memory plan for IF: auto, gpu, offload, blocks, cpu (default auto: from free VRAM/RAM)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     g.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-7,12 (overrides --seed/--n)")
     g.add_argument("--steps", type=int, help="denoising steps, spaced as diffusers does (default: 100 for IF, "
                                              "30 for built-in models)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7 for IF, 5 built-in)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7 for IF; 2 for built-in "
+                                                        "samples, 5 for their illusions)")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
     g.add_argument("--batch-size", type=int, default=0, help="images per model batch (default: all at once)")
@@ -109,6 +111,8 @@ def _plugins():
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_libraries()
     try:
         return args.func(args) or 0
     except UsageError as e:
@@ -130,6 +134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mirage {args.command}: internal error: {e.__class__.__name__}: {e} "
               f"(rerun with MIRAGE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _silence_libraries() -> None:
+    """--quiet: no loading bars or notices from the libraries underneath, only mirage's own errors."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def _is_oom(e: Exception) -> bool:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import tasks
+from . import demo, tasks
 from .cli import IF_DEFAULTS, SMALL_DEFAULTS, Command, seeds_of
 from .errors import UsageError
 from .models import is_small, load_model, load_upscaler, resolve_device
@@ -37,7 +37,8 @@ def execute(args, job: Job) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory)
     defaults = SMALL_DEFAULTS if is_small(args.model) else IF_DEFAULTS
-    stage1 = dict(steps=args.steps or defaults["steps"],
+    defaults = dict(defaults, guidance=defaults.get(f"guidance_{job.task}", defaults["guidance"]))
+    stage1 = dict(steps=defaults["steps"] if args.steps is None else args.steps,
                   guidance=defaults["guidance"] if args.guidance is None else args.guidance)
     validate(**stage1)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
@@ -117,7 +118,7 @@ def _prompt(args) -> str:
 
 def _timesteps(model, args) -> list[int]:
     """The course's strided list (990, 960, ... 0) unless --steps asks for diffusers' spacing."""
-    return model.schedule.timesteps(args.steps) if args.steps else model.schedule.strided()
+    return model.schedule.strided() if args.steps is None else model.schedule.timesteps(args.steps)
 
 
 @lru_cache(maxsize=8)
@@ -432,6 +433,8 @@ COMMANDS = [
     Command("views", "list the views anagrams can use", lambda p: None, views_cmd, common=False),
     Command("fetch", "download IF weights once (needs network and, for DeepFloyd, an accepted licence)",
             fetch_args, fetch_cmd, common=False),
+    Command("demo", "the course's deliverable set on the built-in models, as one HTML report",
+            demo.add_arguments, demo.handler, common=False),
     Command("embed", "encode prompts with IF's T5 once and cache them on disk", embed_args, embed_cmd,
             common=False),
 ]

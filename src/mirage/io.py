@@ -38,9 +38,8 @@ def load_image(path: str | os.PathLike, size: int, channels: int = 3, notes: lis
     image = _open(Path(path))
     w, h = image.size
     if w != h:
+        image = image.crop(_centre_square(w, h))
         side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side))
         note = f"{path}: cropped the {w}x{h} image to its centre {side}x{side} square"
         log.warning(note)
         if notes is not None:
@@ -48,6 +47,51 @@ def load_image(path: str | os.PathLike, size: int, channels: int = 3, notes: lis
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.LANCZOS)
     return from_pil(image, channels)
+
+
+def _centre_square(w: int, h: int) -> tuple[int, int, int, int]:
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def load_mask(mask_path: str | os.PathLike | None, box: str | None, image_path: str | os.PathLike,
+              size: int) -> Tensor:
+    """The region to regenerate as [1, 1, size, size] in {0, 1}: a mask picture (white = regenerate) cropped
+    like its image, or a box x0,y0,x1,y1 in the image's pixels after its centre crop."""
+    w, h = _read(Path(image_path)).size
+    crop = _centre_square(w, h)
+    if mask_path is not None:
+        picture = _open(Path(mask_path)).convert("L")
+        if picture.size != (w, h):
+            if abs(picture.size[0] / picture.size[1] - w / h) > 0.01:
+                raise UsageError(f"the mask is {picture.size[0]}x{picture.size[1]} but the image is {w}x{h}: "
+                                 f"make a mask of the image's size")
+            log.warning(f"{mask_path}: resized the {picture.size[0]}x{picture.size[1]} mask to the image's {w}x{h}")
+            picture = picture.resize((w, h), Image.Resampling.NEAREST)
+        picture = picture.crop(crop).resize((size, size), Image.Resampling.NEAREST)
+        mask = torch.from_numpy((np.asarray(picture) > 127).astype(np.float32))
+    else:
+        mask = _box_mask(box, crop[2] - crop[0], size)
+    if not mask.any():
+        raise UsageError("the mask is empty: nothing would be regenerated (white marks what to regenerate)")
+    if mask.all():
+        raise UsageError("the mask covers the whole image: use `mirage sample` to make a new image")
+    return mask[None, None]
+
+
+def _box_mask(box: str, side: int, size: int) -> Tensor:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    except ValueError:
+        raise UsageError(f"--box takes x0,y0,x1,y1, got {box!r}") from None
+    if not (0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side):
+        raise UsageError(f"--box {box} must lie inside the {side}x{side} (centre-cropped) image with x0<x1, y0<y1")
+    scale = size / side
+    mask = torch.zeros(size, size)
+    mask[round(y0 * scale):max(round(y1 * scale), round(y0 * scale) + 1),
+         round(x0 * scale):max(round(x1 * scale), round(x0 * scale) + 1)] = 1
+    return mask
 
 
 def _read(path: Path) -> Image.Image:

@@ -1,0 +1,121 @@
+"""`mirage` end to end on the tiny IF and on a built-in model, and its one-line errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mirage.cli import main, parse_seeds
+from mirage.errors import UsageError
+from mirage.io import read_settings
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)  # not square: cropped
+    return path
+
+
+def _if_args(tiny):
+    return ["--model", str(tiny.stage_1), "--upscaler", str(tiny.stage_2), "--steps", "2", "--steps2", "2",
+            "--quiet"]
+
+
+def _result(folder):
+    doc = json.loads((folder / "result.json").read_text())
+    for entry in doc["images"]:
+        assert (folder / entry["file"]).exists()
+    return doc
+
+
+def test_sample_on_tiny_if_writes_images_sheet_and_result(tiny_if_models, tmp_path):
+    out = tmp_path / "run"
+    assert main(["sample", *_if_args(tiny_if_models), "--prompt", "a cat", "--seeds", "3-4",
+                 "--out", str(out)]) == 0
+    doc = _result(out)
+    assert [e["seed"] for e in doc["images"]] == [3, 4]
+    first = doc["images"][0]
+    assert Image.open(out / first["file"]).size == (32, 32)  # the upscaler's resolution
+    assert Image.open(out / first["stage1_file"]).size == (16, 16)
+    assert read_settings(out / first["file"])["prompt"] == "a cat"
+    assert (out / "sheet.png").exists()
+    # the same --out again never overwrites: a numbered sibling
+    assert main(["sample", *_if_args(tiny_if_models), "--prompt", "a cat", "--out", str(out)]) == 0
+    assert (tmp_path / "run-2" / "result.json").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["anagram", "--prompt", "a cat", "--prompt", "a dog", "--view", "identity", "--view", "rotate_cw"],
+    ["hybrid", "--low", "a cat", "--high", "a dog"],
+    ["edit", "--start", "0,1"],
+    ["inpaint", "--box", "2,2,9,9"],
+])
+def test_tasks_on_tiny_if(tiny_if_models, tmp_path, photo, command):
+    extra = ["--image", str(photo)] if command[0] in ("edit", "inpaint") else []
+    assert main([*command, *extra, *_if_args(tiny_if_models), "--out", str(tmp_path / "r")]) == 0
+    doc = _result(tmp_path / "r")
+    assert doc["task"] == command[0]
+    if command[0] == "anagram":
+        assert (tmp_path / "r" / doc["images"][0]["animation"]).exists()
+
+
+def test_denoise_study_on_builtin(tmp_path, photo):
+    assert main(["denoise", "--image", str(photo), "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    assert (tmp_path / "d" / "sheet.png").exists()
+    _result(tmp_path / "d")
+
+
+def test_inpaint_keeps_pixels_outside_the_box_on_builtin(tmp_path, photo):
+    from mirage.io import load_image, load_mask
+    assert main(["inpaint", "--image", str(photo), "--box", "5,5,20,20", "--prompt", "bag", "--steps", "4",
+                 "--out", str(tmp_path / "i"), "--quiet"]) == 0
+    doc = _result(tmp_path / "i")
+    got = np.asarray(Image.open(tmp_path / "i" / doc["images"][0]["file"]).convert("L"), dtype=np.int16)
+    original = load_image(photo, size=28, channels=1)[0, 0].numpy()
+    expected = np.round((original + 1) * 127.5).astype(np.int16)
+    box = load_mask(None, "5,5,20,20", photo, 28)[0, 0].numpy().astype(bool)
+    assert 0 < box.sum() < 28 * 28
+    assert np.abs(got[~box] - expected[~box]).max() <= 1
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    with pytest.raises(UsageError):
+        parse_seeds("a-b")
+
+
+@pytest.mark.parametrize("argv,message,code", [
+    (["sample", "--steps", "0"], "--steps", 2),
+    (["sample", "--guidance", "nan"], "--guidance", 2),
+    (["sample", "--seed", "-5"], "seed", 2),
+    (["sample", "--model", "/nonexistent/folder"], "", 1),
+    (["anagram", "--prompt", "a", "--prompt", "b", "--view", "identity", "--view", "upsidedown"], "flip", 2),
+    (["anagram", "--prompt", "a", "--view", "identity", "--view", "flip"], "need 2 prompts", 2),
+    (["edit", "--image", "/no/such.png"], "", 1),
+    (["edit", "--image", "PHOTO", "--start", "99"], "out of range", 2),
+    (["inpaint", "--image", "PHOTO"], "--mask", 2),
+    (["sample", "--prompt", "spaceship"], "known", 2),
+])
+def test_bad_input_is_one_line(argv, message, code, photo, tmp_path, capsys):
+    argv = [str(photo) if a == "PHOTO" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--quiet"]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["sample", "--out", str(target), "--quiet"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_console_script_exit_code_for_usage():
+    proc = subprocess.run([sys.executable, "-m", "mirage.cli", "sample", "--steps", "-1"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
