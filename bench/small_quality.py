@@ -32,9 +32,10 @@ def chunked(fn, prompts: list, seeds: list[int], chunk: int) -> torch.Tensor:
 
 
 def evaluate(model, clf, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
-             chunk: int) -> dict:
+             chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
+             resample: int = 1) -> dict:
     names = model.class_names
-    kw = dict(steps=steps, guidance=guidance)
+    kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
         images = chunked(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
@@ -47,10 +48,12 @@ def evaluate(model, clf, task: str, steps: int, guidance: float, per_class: int,
     seeds = list(range(len(pairs)))
     if task == "anagrams":
         views = [make_view("identity"), make_view("flip")]
-        images = chunked(lambda ps, s: tasks.anagram(model, ps, views, s, **kw), prompts, seeds, chunk)
+        images = chunked(lambda ps, s: tasks.anagram(model, ps, views, s, reduce=reduce, **kw), prompts, seeds,
+                         chunk)
         return dict(anagram_both=score.illusion_accuracy(clf, images, torch.stack([first, second], 1), views)["all"])
-    images = chunked(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", **kw), prompts, seeds, chunk)
-    each = score.hybrid_accuracy(clf, images, first, second, lowpass(model.size, SIGMA))["each"]
+    images = chunked(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", sigma=sigma, **kw), prompts, seeds,
+                     chunk)
+    each = score.hybrid_accuracy(clf, images, first, second, lowpass(model.size, sigma))["each"]
     return dict(hybrid_low=each[0], hybrid_high=each[1])
 
 
@@ -61,6 +64,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="for the samples")
     p.add_argument("--illusion-guidance", type=float, nargs="+", default=[3.0], help="for anagrams and hybrids")
+    p.add_argument("--interval", nargs="+", default=["none"],
+                   help="guidance intervals for the samples: none or LO-HI (timesteps), e.g. none 150-750")
+    p.add_argument("--hybrid-sigma", type=float, nargs="+", default=[SIGMA], help="low/high split (at 64 px)")
+    p.add_argument("--reduce", nargs="+", default=["mean"], help="anagram reductions: mean, alternate")
+    p.add_argument("--resample", type=int, default=1, help="RePaint-style repeats of each step (all tasks)")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--pair-seeds", type=int, default=2, help="seeds per ordered class pair (90 pairs)")
     p.add_argument("--chunk", type=int, default=250)
@@ -72,13 +80,26 @@ def main() -> None:
     for ref in args.model:
         model = load_model(ref, torch.device(args.device))
         clf = score.load_classifier(args.classifier or model.data)  # scores on the CPU
-        for task in args.only:
-            for g in args.guidance if task == "samples" else args.illusion_guidance:
-                t0 = time.time()
-                result = evaluate(model, clf, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk)
-                row = dict(model=ref, task=task, steps=args.steps, guidance=g, **result,
-                           seconds=round(time.time() - t0, 1))
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        for task, g, extra in settings(args):
+            t0 = time.time()
+            result = evaluate(model, clf, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
+                              resample=args.resample, **extra)
+            row = dict(model=ref, task=task, steps=args.steps, resample=args.resample, guidance=g, **extra, **result,
+                       seconds=round(time.time() - t0, 1))
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+def settings(args):
+    """(task, guidance, extra options) for every measurement asked for."""
+    intervals = [None if i == "none" else tuple(int(t) for t in i.split("-")) for i in args.interval]
+    for task in args.only:
+        for g in args.guidance if task == "samples" else args.illusion_guidance:
+            if task == "samples":
+                yield from ((task, g, dict(interval=i)) for i in intervals)
+            elif task == "hybrids":
+                yield from ((task, g, dict(sigma=s)) for s in args.hybrid_sigma)
+            else:
+                yield from ((task, g, dict(reduce=r)) for r in args.reduce)
 
 
 if __name__ == "__main__":

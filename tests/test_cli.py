@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mirage.cli import main, parse_seeds
+from mirage.cli import main, parse_interval, parse_seeds
 from mirage.errors import UsageError
 from mirage.io import read_settings
 
@@ -99,6 +99,8 @@ def test_parse_seeds():
     (["edit", "--image", "PHOTO", "--start", "99"], "out of range", 2),
     (["inpaint", "--image", "PHOTO"], "--mask", 2),
     (["sample", "--prompt", "spaceship"], "known", 2),
+    (["sample", "--guidance-interval", "800-100"], "--guidance-interval", 2),
+    (["hybrid", "--low", "bag", "--high", "coat", "--sigma", "0"], "--sigma", 2),
 ])
 def test_bad_input_is_one_line(argv, message, code, photo, tmp_path, capsys):
     argv = [str(photo) if a == "PHOTO" else a for a in argv]
@@ -106,6 +108,28 @@ def test_bad_input_is_one_line(argv, message, code, photo, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_parse_interval():
+    assert parse_interval("150-850") == (150, 850)
+    assert parse_interval("none") is None and parse_interval(None) is None
+    for bad in ("150", "a-b", "-5-3"):
+        with pytest.raises(UsageError):
+            parse_interval(bad)
+
+
+def test_builtin_defaults_are_per_task_and_recorded(tmp_path):
+    assert main(["sample", "--prompt", "bag", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    stage = _result(tmp_path / "s")["images"][0]["stages"][0]
+    assert (stage["steps"], stage["guidance"], stage["guidance_interval"]) == (100, 3.0, [150, 850])
+    assert main(["sample", "--prompt", "bag", "--steps", "3", "--guidance-interval", "none",
+                 "--out", str(tmp_path / "n"), "--quiet"]) == 0
+    assert "guidance_interval" not in _result(tmp_path / "n")["images"][0]["stages"][0]
+    assert main(["hybrid", "--low", "bag", "--high", "coat", "--steps", "3", "--sigma", "3",
+                 "--out", str(tmp_path / "h"), "--quiet"]) == 0
+    entry = _result(tmp_path / "h")["images"][0]
+    assert entry["sigma"] == 3 and entry["stages"][0]["guidance"] == 5.0
+    assert "guidance_interval" not in entry["stages"][0]
 
 
 def test_out_that_is_a_file(tmp_path, capsys):

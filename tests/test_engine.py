@@ -139,6 +139,16 @@ def test_cfg_matches_a4_and_guidance_one_skips_the_null_branch():
     assert model.calls == [2]
 
 
+def test_guidance_interval_guides_only_inside_it():
+    model = ToyDenoiser()
+    ts = [900, 600, 300, 0]
+    inside = tasks.sample(model, "abc", [0, 1], timesteps=ts, guidance=4.0, guidance_interval=(300, 600))
+    assert model.calls == [2, 4, 4, 2]  # the null branch runs only at t = 600 and 300
+    everywhere = tasks.sample(model, "abc", [0, 1], timesteps=ts, guidance=4.0, guidance_interval=(0, 1000))
+    assert torch.equal(everywhere, tasks.sample(model, "abc", [0, 1], timesteps=ts, guidance=4.0))
+    assert not torch.allclose(inside, everywhere)
+
+
 def test_two_view_mean_step_is_the_published_formula():
     from mirage.views import make_view
     model = ToyDenoiser()

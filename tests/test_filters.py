@@ -143,3 +143,12 @@ def test_bad_kind_and_wrong_size():
     low, _ = make_components("lowhigh", 64)
     with pytest.raises(UsageError, match="64"):
         low(torch.zeros(1, 3, 32, 32))
+
+
+def test_sigma_sets_the_low_high_split():
+    x = rand(2, 1, 28, 28)
+    default, wider = make_components("lowhigh", 28), make_components("lowhigh", 28, sigma=4.0)
+    assert torch.allclose(wider[0](x) + wider[1](x), x, atol=1e-5)
+    assert wider[0](x).std() < default[0](x).std()  # a wider blur keeps less of the image in the low pass
+    with pytest.raises(UsageError):
+        make_components("lowhigh", 28, sigma=0.0)

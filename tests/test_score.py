@@ -291,3 +291,13 @@ def test_shipped_classifier_on_the_real_test_set(name):
     stats = score.test_stats(model)
     assert score.frechet_distance(model, x, stats) < 2 * model.info["reference_fd"]
     assert score.frechet_distance(model, score.prepare(x, 28) * 0.5, stats) > 2 * model.info["reference_fd"]
+
+
+def test_a_hybrid_is_judged_through_the_low_pass_it_was_made_with():
+    from mirage.filters import lowpass
+
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    made = score._group_of({"task": "hybrid", "kind": "lowhigh", "sigma": 4.0}, 28, None)
+    assert torch.allclose(made.maps[0](x), lowpass(28, 4.0)(x))
+    told = score._group_of({"task": "hybrid", "kind": "lowhigh", "sigma": 4.0}, 28, 1.0)
+    assert torch.allclose(told.maps[0](x), lowpass(28, 1.0)(x))  # --blur overrides

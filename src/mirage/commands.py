@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import demo, tasks
-from .cli import IF_DEFAULTS, SMALL_DEFAULTS, Command, seeds_of
+from .cli import IF_DEFAULTS, SMALL_DEFAULTS, Command, parse_interval, seeds_of, task_defaults
 from .errors import UsageError
 from .models import is_small, load_model, load_upscaler, resolve_device
 from .outputs import RunDir
@@ -36,11 +36,14 @@ class Job:
 def execute(args, job: Job) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory)
-    defaults = SMALL_DEFAULTS if is_small(args.model) else IF_DEFAULTS
-    defaults = dict(defaults, guidance=defaults.get(f"guidance_{job.task}", defaults["guidance"]))
+    defaults = task_defaults(SMALL_DEFAULTS if is_small(args.model) else IF_DEFAULTS, job.task)
     stage1 = dict(steps=defaults["steps"] if args.steps is None else args.steps,
                   guidance=defaults["guidance"] if args.guidance is None else args.guidance)
     validate(**stage1)
+    interval = (defaults["guidance_interval"] if args.guidance_interval is None
+                else parse_interval(args.guidance_interval))
+    if interval is not None:
+        stage1["guidance_interval"] = interval
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
     images = _batched(job.run, model, job.items, args, step=step, progress=not args.quiet, **stage1)
@@ -230,6 +233,8 @@ def hybrid_args(p):
                    help="which factorization: low/high pass (default), low/mid/high, gray/color, motion")
     for part in ("low", "mid", "high", "gray", "color", "motion", "still"):
         p.add_argument(f"--{part}", help=f"prompt for the {part} component")
+    p.add_argument("--sigma", type=float, default=2.0, help="low/high split: Gaussian sigma in px at 64 px, "
+                                                           "scaled with the resolution (default 2)")
     p.add_argument("--image", help="take one component from this image instead of a prompt (inverse problem)")
     p.add_argument("--image-component", help="which component the image gives (default: the first, e.g. low "
                                              "or gray)")
@@ -251,10 +256,10 @@ def hybrid_cmd(args) -> int:
         kw = {}
         if from_image is not None:
             kw = dict(image=image_for(model, args), image_component=parts.index(from_image))
-        return tasks.hybrid(model, prompts, seeds(items), kind=args.kind, **kw, **stage)
+        return tasks.hybrid(model, prompts, seeds(items), kind=args.kind, sigma=args.sigma, **kw, **stage)
 
     job = Job("hybrid", [dict(seed=s) for s in seeds_of(args)], run, sheet=_hybrid_sheet,
-              settings=dict(kind=args.kind, prompts=prompts, components=list(parts), image=args.image,
+              settings=dict(kind=args.kind, sigma=args.sigma, prompts=prompts, components=list(parts), image=args.image,
                             image_component=from_image))
     return execute(args, job)
 

@@ -99,8 +99,8 @@ def _rest(*parts: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda x: x - sum(p(x) for p in parts)
 
 
-def _kinds(size: int) -> dict[str, list[tuple[str, Callable]]]:
-    low = lowpass(size)
+def _kinds(size: int, sigma: float) -> dict[str, list[tuple[str, Callable]]]:
+    low = lowpass(size, sigma)
     fine, coarse = (lowpass(size, s) for s in BAND_SIGMAS)
     blur = motion_blur(size)
     return {
@@ -114,8 +114,11 @@ def _kinds(size: int) -> dict[str, list[tuple[str, Callable]]]:
 KINDS = ("lowhigh", "lowmidhigh", "graycolor", "motion")
 
 
-def make_components(kind: str, size: int) -> list[Component]:
-    """The parts of a `kind` factorization for `size` px images, in order (e.g. low, high)."""
+def make_components(kind: str, size: int, sigma: float = SIGMA) -> list[Component]:
+    """The parts of a `kind` factorization for `size` px images, in order (e.g. low, high); `sigma` (at
+    64 px) is the low/high split."""
     if kind not in KINDS:
         raise UsageError(f"unknown hybrid kind {kind!r}; choose one of: {', '.join(KINDS)}")
-    return [Component(name, fn, size) for name, fn in _kinds(size)[kind]]
+    if not sigma > 0:
+        raise UsageError(f"--sigma must be a number > 0, got {sigma}")
+    return [Component(name, fn, size) for name, fn in _kinds(size, sigma)[kind]]

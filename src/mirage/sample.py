@@ -53,13 +53,15 @@ def validate(steps: int | None = None, guidance: float | None = None) -> None:
 
 @torch.inference_mode()
 def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timesteps: Sequence[int], *,
-            guidance: float, reduce: str = "mean", step: Step = ddpm_step,
-            constrain: Constraint | None = None, resample: int = 1,
+            guidance: float, guidance_interval: tuple[int, int] | None = None, reduce: str = "mean",
+            step: Step = ddpm_step, constrain: Constraint | None = None, resample: int = 1,
             callback: Callable[[int, int, Tensor], None] | None = None, progress: bool = False) -> Tensor:
     """Denoise x, which is at timesteps[0], down to a clean image.
 
     Each timestep steps to the next one in the list and the last one to the clean image, as diffusers'
     schedulers do. `resample` > 1 repeats each step RePaint-style: step, constrain, re-noise back to t.
+    `guidance_interval = (lo, hi)` guides only at timesteps lo <= t <= hi (Kynkaanniemi et al. 2024: guidance
+    at high noise costs diversity and gains little); elsewhere the unconditional branch is skipped.
     """
     check_reduce(reduce, terms)
     timesteps = list(timesteps)
@@ -70,7 +72,7 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timeste
         for r in range(resample):
             if r:  # jump back: q(x_t | x_t_prev) for a fresh try at this step
                 x_t = _renoise(model, x_next, t_prev, t, noise)
-            eps, var = estimate(model, x_t, t, terms, guidance, reduce, i)
+            eps, var = estimate(model, x_t, t, terms, _guidance_at(t, guidance, guidance_interval), reduce, i)
             z = noise.draw(x.shape[1:]) if t > 0 else None  # diffusers draws no noise at t = 0
             x_next = step(model.schedule, x_t, eps, var, t, t_prev, z)
             if constrain is not None:
@@ -81,6 +83,10 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timeste
         bar.update()
     bar.close()
     return x
+
+
+def _guidance_at(t: int, guidance: float, interval: tuple[int, int] | None) -> float:
+    return guidance if interval is None or interval[0] <= t <= interval[1] else 1.0
 
 
 def _renoise(model: Denoiser, x: Tensor, t_from: int, t_to: int, noise: Noise) -> Tensor:

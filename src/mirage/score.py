@@ -252,7 +252,8 @@ def _group_of(entry: dict, size: int, blur: float | None) -> Group | None:
             return None
         from .filters import SIGMA, lowpass
 
-        return Group("hybrid", ["low (blurred)", "high (full image)"], [lowpass(size, blur or SIGMA), _identity])
+        sigma = blur or entry.get("sigma") or SIGMA
+        return Group("hybrid", ["low (blurred)", "high (full image)"], [lowpass(size, sigma), _identity])
     if entry.get("prompt") is not None:
         return Group(task, ["image"], [_identity])
     return None

@@ -42,7 +42,8 @@ def make_terms(model: Denoiser, prompts: Sequence[Prompt], n: int, views: Sequen
 
 
 def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *, steps: int | None = None,
-             timesteps: Sequence[int] | None = None, guidance: float = 7.0, views: Sequence | None = None,
+             timesteps: Sequence[int] | None = None, guidance: float = 7.0,
+             guidance_interval: tuple[int, int] | None = None, views: Sequence | None = None,
              components: Sequence[Filter] | None = None, reduce: str = "mean", init: Tensor | None = None,
              start: int = 0, keep: tuple[Filter, Tensor] | None = None, low_res: Tensor | None = None,
              noise_level: int = 250, step=ddpm_step, resample: int = 1, callback=None,
@@ -66,7 +67,8 @@ def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *
     if keep is not None:
         filt, ref = keep
         constrain = project(model.schedule, filt, _to_batch(ref, len(noise), shape, "reference"), noise)
-    return diffuse(model, x, terms, noise, timesteps[start:], guidance=guidance, reduce=reduce, step=step,
+    return diffuse(model, x, terms, noise, timesteps[start:], guidance=guidance,
+                   guidance_interval=guidance_interval, reduce=reduce, step=step,
                    constrain=constrain, resample=resample, callback=callback, progress=progress)
 
 
@@ -118,15 +120,16 @@ def anagram(model: Denoiser, prompts: Sequence[Prompt], views: Sequence, seeds: 
 
 
 def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kind: str = "lowhigh",
-           image: Tensor | None = None, image_component: int | None = None, **kw) -> Tensor:
+           image: Tensor | None = None, image_component: int | None = None, sigma: float | None = None,
+           **kw) -> Tensor:
     """Factorized diffusion: component i of the result (low/high pass, gray/color, ...) shows prompt i.
 
     With `image`, component `image_component` is taken from that image instead (its prompt is ignored):
     a photo as the low pass of a hybrid, or a grayscale photo colorized.
     """
-    from .filters import make_components
+    from .filters import SIGMA, make_components
 
-    components = make_components(kind, model.size)
+    components = make_components(kind, model.size, SIGMA if sigma is None else sigma)
     if len(prompts) != len(components):
         raise UsageError(f"a {kind!r} hybrid needs {len(components)} prompts, got {len(prompts)}")
     keep = None
