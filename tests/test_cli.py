@@ -143,3 +143,37 @@ def test_console_script_exit_code_for_usage():
     proc = subprocess.run([sys.executable, "-m", "mirage.cli", "sample", "--steps", "-1"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["sample", "--prompt", "bag"],
+                                  ["anagram", "--prompt", "bag", "--prompt", "trouser"],
+                                  ["hybrid", "--low", "bag", "--high", "trouser"]])
+def test_pick_best_lists_candidates_best_first(argv, tmp_path):
+    import torch
+
+    from mirage import score
+    from mirage.io import load_image
+    from mirage.models import load_model
+
+    out = tmp_path / "p"
+    assert main([*argv, "--n", "5", "--steps", "4", "--pick", "best", "--out", str(out), "--quiet"]) == 0
+    entries = _result(out)["images"]
+    assert [e["rank"] for e in entries] == [1, 2, 3, 4, 5]
+    assert sorted(e["seed"] for e in entries) == [0, 1, 2, 3, 4]
+    scores = [e["score"] for e in entries]
+    assert scores == sorted(scores, reverse=True)
+    if argv[0] == "sample":  # the recorded score is the classifier's, recomputed from the written files
+        images = torch.cat([load_image(out / e["file"], 28, channels=1) for e in entries])
+        clf, model = score.load_classifier("fashion"), load_model("fashion", torch.device("cpu"))
+        again = score.best_first(clf, model, images, [["bag"]] * 5, [lambda x: x])[1]
+        assert torch.allclose(again, torch.tensor(scores), atol=0.05)
+    assert Image.open(out / "sheet.png").height > 0
+
+
+def test_pick_best_needs_a_classifier(tiny_if_models, tmp_path, capsys):
+    assert main(["sample", "--prompt", "a cat", *_if_args(tiny_if_models), "--pick", "best",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "built-in model's classifier" in capsys.readouterr().err
+    assert main(["hybrid", "--kind", "graycolor", "--gray", "bag", "--color", "coat", "--pick", "best",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert not (tmp_path / "o").exists()

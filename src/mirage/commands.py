@@ -28,8 +28,9 @@ class Job:
     items: list[dict]  # one per output image: its seed and whatever else varies per image
     run: Run
     settings: dict = field(default_factory=dict)  # shared by every image
-    sheet: Callable | None = None  # (run_dir, images, items, job) -> None
+    sheet: Callable | None = None  # (images, items, job) -> the contact sheet (a picture)
     views: list | None = None  # the illusion's views, for its sheet and animation
+    checks: Callable | None = None  # size -> (prompts, maps): map i of an image should show prompt i (--pick)
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ def execute(args, job: Job) -> int:
     if interval is not None:
         stage1["guidance_interval"] = interval
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
+    classifier = _ranker(args, job, model)
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
     images = _batched(job.run, model, job.items, args, step=step, progress=not args.quiet, **stage1)
     stages = [dict(model=args.model, size=model.size, **stage1)]
@@ -57,8 +59,15 @@ def execute(args, job: Job) -> int:
         images = _batched(job.run, upscaler, job.items, args, low_res=low, noise_level=args.noise_level,
                           step=step, progress=not args.quiet, **stage2)
         stages.append(dict(model=args.upscaler, size=upscaler.size, noise_level=args.noise_level, **stage2))
+    items = job.items
+    if classifier is not None:
+        order, scores = _rank(classifier, model, job, images)
+        images = images[order]
+        if upscaler is not None:
+            low = low[order]
+        items = [dict(items[k], rank=r + 1, score=round(float(scores[k]), 4)) for r, k in enumerate(order.tolist())]
     settings = dict(task=job.task, sampler=args.sampler, stages=stages, **job.settings)
-    for k, item in enumerate(job.items):
+    for k, item in enumerate(items):
         entry = dict(settings, **item)
         name = _name(job.task, item)
         if upscaler is not None:
@@ -66,13 +75,63 @@ def execute(args, job: Job) -> int:
         entry["file"] = out.save_image(f"{name}.png", images[k], entry)
         out.add(entry)
     if job.sheet is not None:
-        job.sheet(out, images, job.items, job)
+        shown = 1 if classifier is not None else len(items)  # picked: the best large, the rest small below
+        sheet = job.sheet(images[:shown], items[:shown], job)
+        save_sheet(out, sheet if shown == len(items) else _with_rest(sheet, images[shown:], items[shown:]),
+                   "sheet.png")
+    if job.views is not None:
+        _animations(out, images, job)
     if "mp4_note" in out.extras and not args.quiet:
         print(out.extras["mp4_note"], file=sys.stderr)
     result = out.finish()
     if not args.quiet:
-        print(f"wrote {len(job.items)} image(s) to {out.path} (see {result.name})")
+        print(f"wrote {len(items)} image(s) to {out.path} (see {result.name})")
     return 0
+
+
+# ---- --pick best: candidates ranked by the built-in model's classifier --------------------------------
+def pick_args(p) -> None:
+    p.add_argument("--pick", choices=("none", "best"), default="none",
+                   help="best: rank all --n candidates with the built-in model's classifier (mirage score) and "
+                        "list them best first; the sheet shows the best large and the rest small")
+
+
+def _ranker(args, job: Job, model):
+    """The classifier that ranks this job's images, or None without --pick best; checked before any work."""
+    if getattr(args, "pick", "none") != "best":
+        return None
+    from .score import classifier_for
+
+    classifier = classifier_for(model)
+    if classifier is None:
+        raise UsageError(f"--pick best ranks with a built-in model's classifier, and {args.model} has none: "
+                         f"drop --pick, or use --model fashion or digits")
+    if job.checks is None:
+        raise UsageError(f"--pick best cannot rank this {job.task}: only samples, anagrams and low/high hybrids")
+    return classifier
+
+
+def _rank(classifier, model, job: Job, images: Tensor):
+    from .score import best_first
+
+    prompts, maps = job.checks(images.shape[-1])
+    return best_first(classifier, model, images, [prompts] * len(images), maps)
+
+
+def _with_rest(sheet, images: Tensor, items: list[dict]):
+    """The best candidate's sheet above the other candidates, small, with their rank and score."""
+    from PIL import Image
+
+    from .io import contact_sheet, to_pil
+
+    cells = [(to_pil(img), f"#{item['rank']} seed {item['seed']} ({item['score']:.2f})")
+             for img, item in zip(images, items)]
+    rest = contact_sheet([cells[i:i + 8] for i in range(0, len(cells), 8)], title="the other candidates",
+                         cell=min(96, max(48, 2 * images.shape[-1])))
+    page = Image.new("RGB", (max(sheet.width, rest.width), sheet.height + rest.height), "white")
+    page.paste(sheet, (0, 0))
+    page.paste(rest, (0, sheet.height))
+    return page
 
 
 def _name(task: str, item: dict) -> str:
@@ -91,6 +150,10 @@ def _batched(run: Run, model, items: list[dict], args, low_res: Tensor | None = 
     return torch.cat(parts)
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def seeds(items: list[dict]) -> list[int]:
     return [item["seed"] for item in items]
 
@@ -98,6 +161,7 @@ def seeds(items: list[dict]) -> list[int]:
 # ---- sample -------------------------------------------------------------------------------------
 def sample_args(p):
     p.add_argument("--prompt", default="", help='what to draw ("" = unconditional)')
+    pick_args(p)
 
 
 def sample_cmd(args) -> int:
@@ -105,7 +169,8 @@ def sample_cmd(args) -> int:
         return tasks.sample(model, args.prompt, seeds(items), **stage)
 
     return execute(args, Job("sample", [dict(seed=s) for s in seeds_of(args)], run,
-                             settings=dict(prompt=args.prompt), sheet=_grid_sheet))
+                             settings=dict(prompt=args.prompt), sheet=_grid_sheet,
+                             checks=lambda size: ([args.prompt], [_identity])))
 
 
 # ---- edits --------------------------------------------------------------------------------------
@@ -205,6 +270,7 @@ def anagram_args(p):
     p.add_argument("--reduce", choices=("mean", "alternate"), default="mean",
                    help="average the views' estimates every step, or take one view per step")
     p.add_argument("--view-seed", type=int, default=0, help="seed of random permutation views (jigsaw, ...)")
+    pick_args(p)
 
 
 def anagram_cmd(args) -> int:
@@ -223,7 +289,8 @@ def anagram_cmd(args) -> int:
 
     return execute(args, Job("anagram", [dict(seed=s) for s in seeds_of(args)], run, views=views,
                              settings=dict(prompts=args.prompt, views=names, view_seed=args.view_seed,
-                                           reduce=args.reduce), sheet=_illusion_sheet))
+                                           reduce=args.reduce), sheet=_illusion_sheet,
+                             checks=lambda size: (args.prompt, [v.view for v in views])))
 
 
 HYBRID_KINDS = {"lowhigh": ("low", "high"), "lowmidhigh": ("low", "mid", "high"), "graycolor": ("gray", "color"),
@@ -240,6 +307,7 @@ def hybrid_args(p):
     p.add_argument("--image", help="take one component from this image instead of a prompt (inverse problem)")
     p.add_argument("--image-component", help="which component the image gives (default: the first, e.g. low "
                                              "or gray)")
+    pick_args(p)
 
 
 def hybrid_cmd(args) -> int:
@@ -260,9 +328,15 @@ def hybrid_cmd(args) -> int:
             kw = dict(image=image_for(model, args), image_component=parts.index(from_image))
         return tasks.hybrid(model, prompts, seeds(items), kind=args.kind, sigma=args.sigma, **kw, **stage)
 
+    def checks(size: int):  # seen from afar (blurred): the low prompt; close up: the high one
+        from .filters import lowpass
+
+        return prompts, [lowpass(size, args.sigma), _identity]
+
     job = Job("hybrid", [dict(seed=s) for s in seeds_of(args)], run, sheet=_hybrid_sheet,
-              settings=dict(kind=args.kind, sigma=args.sigma, prompts=prompts, components=list(parts), image=args.image,
-                            image_component=from_image))
+              settings=dict(kind=args.kind, sigma=args.sigma, prompts=prompts, components=list(parts),
+                            image=args.image, image_component=from_image),
+              checks=checks if args.kind == "lowhigh" and from_image is None else None)
     return execute(args, job)
 
 
@@ -340,16 +414,16 @@ def save_sheet(out: RunDir, picture, name: str) -> str:
     return name
 
 
-def _grid_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> None:
+def _grid_sheet(images: Tensor, items: list[dict], job: Job):
     from .io import contact_sheet, to_pil
 
     cols = min(8, len(items))
     cells = [(to_pil(img), f"seed {item['seed']}") for img, item in zip(images, items)]
     rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
-    save_sheet(out, contact_sheet(rows, title=_title(job)), "sheet.png")
+    return contact_sheet(rows, title=_title(job))
 
 
-def _series_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> None:
+def _series_sheet(images: Tensor, items: list[dict], job: Job):
     """SDEdit: one row per seed, the series by start index as the course labels it, then the original."""
     from .io import contact_sheet, load_image, to_pil
 
@@ -359,20 +433,24 @@ def _series_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> N
     for seed in dict.fromkeys(item["seed"] for item in items):
         row = [(to_pil(img), f"i_start={item['start']}") for img, item in zip(images, items) if item["seed"] == seed]
         rows.append(row + [(original, "original")])
-    save_sheet(out, contact_sheet(rows, title=_title(job), row_labels=[f"seed {s}" for s in
-                                                                         dict.fromkeys(seeds(items))]), "sheet.png")
+    return contact_sheet(rows, title=_title(job), row_labels=[f"seed {s}" for s in dict.fromkeys(seeds(items))])
 
 
-def _illusion_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> None:
-    """Each view of each result under its prompt, and an animation turning from view to view."""
-    from .animate import illusion_animation, save_gif, save_mp4
+def _illusion_sheet(images: Tensor, items: list[dict], job: Job):
+    """Each view of each result under its prompt."""
     from .io import contact_sheet, to_pil
 
     prompts = job.settings["prompts"]
     rows = [[(to_pil(v.view(img[None])[0]), f"{v.name}: {p}") for v, p in zip(job.views, prompts)]
             for img in images]
-    save_sheet(out, contact_sheet(rows, title=_title(job), row_labels=[f"seed {s}" for s in seeds(items)]),
-               "sheet.png")
+    return contact_sheet(rows, title=_title(job), row_labels=[f"seed {s}" for s in seeds(items)])
+
+
+def _animations(out: RunDir, images: Tensor, job: Job) -> None:
+    """For each illusion an animation turning from view to view (GIF, and MP4 where ffmpeg is)."""
+    from .animate import illusion_animation, save_gif, save_mp4
+
+    prompts = job.settings["prompts"]
     for entry, img in zip(out.entries, images):
         frames = illusion_animation(img, job.views, [f"{v.name}: {p}" for v, p in zip(job.views, prompts)])
         stem = entry["file"].removesuffix(".png")
@@ -384,14 +462,14 @@ def _illusion_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) ->
             out.extras["mp4_note"] = note
 
 
-def _hybrid_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> None:
+def _hybrid_sheet(images: Tensor, items: list[dict], job: Job):
     """Each hybrid and each of its components as a viewer sees it: the full image (close up) and the other
     components alone (from afar: the low pass; without color: the gray part; ...)."""
     from .filters import make_components
     from .io import contact_sheet, to_pil
 
     parts, prompts = job.settings["components"], job.settings["prompts"]
-    components = make_components(job.settings["kind"], images.shape[-1])
+    components = make_components(job.settings["kind"], images.shape[-1], job.settings["sigma"])
     rows = []
     for img in images:
         row = [(to_pil(img), "the hybrid")]
@@ -399,8 +477,7 @@ def _hybrid_sheet(out: RunDir, images: Tensor, items: list[dict], job: Job) -> N
                 for c, part, p in zip(components, parts, prompts) if part not in ("high", "color", "still")]
         row.append((to_pil(img).resize((max(8, img.shape[-1] // 4),) * 2), "small (far away)"))
         rows.append(row)
-    save_sheet(out, contact_sheet(rows, title=_title(job), row_labels=[f"seed {s}" for s in seeds(items)]),
-               "sheet.png")
+    return contact_sheet(rows, title=_title(job), row_labels=[f"seed {s}" for s in seeds(items)])
 
 
 def _title(job: Job) -> str:

@@ -224,11 +224,9 @@ def _best(d: Demo, images: Tensor, labels: list[list[str]], maps) -> tuple[Tenso
     """Candidates best first by the built-in classifier's score (seed order where there is none)."""
     if d.classifier is None or not d.plan.classes:
         return torch.arange(len(images)), "in seed order (no classifier to rank them with this model)"
-    from .score import rank_maps
+    from .score import best_first
 
-    y = torch.tensor([[d.model.class_index(p) for p in row] for row in labels])
-    scores = rank_maps(d.classifier, images, y, maps)
-    return scores.argsort(descending=True), "best first by the built-in classifier's score"
+    return best_first(d.classifier, d.model, images, labels, maps)[0], "best first by the built-in classifier's score"
 
 
 def _candidate_sheet(d: Demo, file: str, images: Tensor, order: Tensor, seeds: list[int], title: str) -> Figure:
@@ -382,19 +380,12 @@ def _plan_for(name: str, model) -> Plan:
     return PLANS.get("digits" if data in ("digits", "mnist") else "fashion")
 
 
-def _classifier(name: str, model):
-    from .score import BUILTIN, builtin_path, load_classifier
-
-    data = "digits" if getattr(model, "data", None) in ("digits", "mnist") else getattr(model, "data", None)
-    if data in BUILTIN and builtin_path(data).is_file():
-        return load_classifier(data)
-    return None
-
-
 def run_demo(out: str | Path, model: str = "fashion", device: str = "cpu", quick: bool = False,
              progress: bool = True) -> Path:
     """Makes the whole demo into a new numbered run folder beside/at `out`; returns its report.html."""
     from tqdm.auto import tqdm
+
+    from .score import classifier_for
 
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -403,7 +394,7 @@ def run_demo(out: str | Path, model: str = "fashion", device: str = "cpu", quick
     plan = _plan_for(model, denoiser)
     run = RunDir(out, "demo", command=shlex.join(["mirage", "demo", *sys.argv[2:]]) if progress else "")
     d = Demo(denoiser, model, plan, size, run, guidance=5.0 if is_small(model) else 7.0,
-             classifier=_classifier(model, denoiser))
+             classifier=classifier_for(denoiser))
     with torch.inference_mode():
         for part in tqdm(PARTS, disable=not progress, unit="part", desc="mirage demo"):
             d.sections.append(part(d))

@@ -133,6 +133,24 @@ def rank_maps(classifier: nn.Module, images: Tensor, labels: Tensor, maps: Seque
     return torch.stack(per_view, 1).mean(1)
 
 
+def classifier_for(model) -> nn.Module | None:
+    """The shipped classifier of a class-conditioned built-in model's data set, or None (IF, an unconditional
+    model): what ranks candidates."""
+    data = "digits" if getattr(model, "data", None) in ("digits", "mnist") else getattr(model, "data", None)
+    if data in BUILTIN and getattr(model, "class_names", None) and builtin_path(data).is_file():
+        return load_classifier(data)
+    return None
+
+
+def best_first(classifier: nn.Module, model, images: Tensor, prompts: Sequence[Sequence[str]],
+               maps: Sequence[Filter]) -> tuple[Tensor, Tensor]:
+    """(order, scores): candidates best first by `rank_maps`; prompts[k][i] is what maps[i] of image k
+    should show, given as the model's class names."""
+    labels = torch.tensor([[model.class_index(p) for p in row] for row in prompts])
+    scores = rank_maps(classifier, images, labels, maps)
+    return scores.argsort(descending=True, stable=True), scores
+
+
 # ---- classifiers --------------------------------------------------------------------------------
 def builtin_path(name: str) -> Path:
     return Path(__file__).parent / "builtin" / f"classifier_{name}.safetensors"
