@@ -31,36 +31,61 @@ def chunked(fn, prompts: list, seeds: list[int], chunk: int) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-def evaluate(model, clf, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
+def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps) -> torch.Tensor:
+    """One image per entry of prompts: with candidates K > 1, the best of K (seeds k*K .. k*K+K-1) by the
+    ranking classifier, as `--pick best` would choose; the judge then scores only the chosen ones."""
+    n, k = len(prompts[0]), candidates
+    wide = [[p for p in ps for _ in range(k)] for ps in prompts]
+    images = chunked(fn, wide, list(range(n * k)), chunk)
+    if k == 1:
+        return images
+    _, scores = score.best_first(ranker, model, images, list(zip(*wide)), maps)
+    best = scores.view(n, k).argmax(1)
+    return images.view(n, k, *images.shape[1:])[torch.arange(n), best]
+
+
+def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
              chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
-             resample: int = 1) -> dict:
+             resample: int = 1, candidates: int = 1, ranker=None) -> dict:
+    """Scores by each judge (name: classifier) of images made for `task`, each the best of `candidates` by
+    `ranker`: {judge name: scores}."""
     names = model.class_names
     kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample)
+    pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
-        images = chunked(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
-                         list(range(len(labels))), chunk)
-        fd = score.frechet_distance(clf, images, score.test_stats(clf))
-        return dict(accuracy=score.class_accuracy(clf, images, labels), fd=fd, fd_ratio=fd / score.reference_fd(clf))
+        images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
+                         maps=[lambda x: x], **pick)
+        return {name: _sample_scores(clf, images, labels) for name, clf in judges.items()}
     pairs = [(a, b) for a, b in itertools.permutations(range(10), 2) for _ in range(pair_seeds)]
     first, second = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
     prompts = [[names[a] for a, _ in pairs], [names[b] for _, b in pairs]]
-    seeds = list(range(len(pairs)))
     if task == "anagrams":
         views = [make_view("identity"), make_view("flip")]
-        images = chunked(lambda ps, s: tasks.anagram(model, ps, views, s, reduce=reduce, **kw), prompts, seeds,
-                         chunk)
-        return dict(anagram_both=score.illusion_accuracy(clf, images, torch.stack([first, second], 1), views)["all"])
-    images = chunked(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", sigma=sigma, **kw), prompts, seeds,
-                     chunk)
-    each = score.hybrid_accuracy(clf, images, first, second, lowpass(model.size, sigma))["each"]
-    return dict(hybrid_low=each[0], hybrid_high=each[1])
+        images = best_of(lambda ps, s: tasks.anagram(model, ps, views, s, reduce=reduce, **kw), prompts,
+                         maps=[v.view for v in views], **pick)
+        both = torch.stack([first, second], 1)
+        return {name: dict(anagram_both=score.illusion_accuracy(clf, images, both, views)["all"])
+                for name, clf in judges.items()}
+    low = lowpass(model.size, sigma)
+    images = best_of(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", sigma=sigma, **kw), prompts,
+                     maps=[low, lambda x: x], **pick)
+    each = {name: score.hybrid_accuracy(clf, images, first, second, low)["each"] for name, clf in judges.items()}
+    return {name: dict(hybrid_low=e[0], hybrid_high=e[1]) for name, e in each.items()}
+
+
+def _sample_scores(clf, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    fd = score.frechet_distance(clf, images, score.test_stats(clf))
+    return dict(accuracy=score.class_accuracy(clf, images, labels), fd=fd, fd_ratio=fd / score.reference_fd(clf))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["fashion"])
-    p.add_argument("--classifier", default=None, help="classifier name or file (default: the model's data set)")
+    p.add_argument("--classifier", nargs="+", default=None, help="the judges: classifier names or files "
+                                                                 "(default: the model's data set's shipped one)")
+    p.add_argument("--candidates", type=int, nargs="+", default=[1],
+                   help="best of K candidates, ranked by the shipped classifier (as --pick best), then judged")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="for the samples")
     p.add_argument("--illusion-guidance", type=float, nargs="+", default=[3.0], help="for anagrams and hybrids")
@@ -79,14 +104,17 @@ def main() -> None:
 
     for ref in args.model:
         model = load_model(ref, torch.device(args.device))
-        clf = score.load_classifier(args.classifier or model.data)  # scores on the CPU
-        for task, g, extra in settings(args):
+        judges = {str(c): score.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
+        ranker = score.classifier_for(model)
+        for (task, g, extra), k in itertools.product(settings(args), args.candidates):
             t0 = time.time()
-            result = evaluate(model, clf, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
-                              resample=args.resample, **extra)
-            row = dict(model=ref, task=task, steps=args.steps, resample=args.resample, guidance=g, **extra, **result,
-                       seconds=round(time.time() - t0, 1))
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            results = evaluate(model, judges, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
+                               resample=args.resample, candidates=k, ranker=ranker, **extra)
+            for judge, result in results.items():
+                row = dict(model=ref, judge=judge, task=task, steps=args.steps, resample=args.resample, guidance=g,
+                           candidates=k, **extra, **result, seconds=round(time.time() - t0, 1))
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+                      flush=True)
 
 
 def settings(args):
