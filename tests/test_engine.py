@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mirage.combine import Term, cfg, estimate
+from mirage.combine import cfg, estimate
 from mirage.denoisers.base import Cond
 from mirage.errors import UsageError
 from mirage.sample import Noise, diffuse

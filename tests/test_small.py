@@ -12,15 +12,6 @@ from mirage.denoisers.small import builtin_path, load_builtin, load_small
 from mirage.errors import MirageError, UsageError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a busy machine OpenMP threads mostly wait for each other; one thread is steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fashion():
     return load_builtin("fashion")
