@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import MirageError, UsageError
 from ..score import class_accuracy, feature_stats, frechet_from_stats, prepare
+from .runs import replace_file
 
 FORMAT = "mirage-classifier/1"
 REFERENCE_COUNT = 1000  # real training images in the reference Fréchet distance (as many as a scored run)
@@ -121,9 +122,7 @@ def save(model: Classifier, path: Path) -> None:
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
                if not k.endswith("num_batches_tracked")}
     meta = {"format": FORMAT, "config": json.dumps(asdict(model.config)), "info": json.dumps(model.info)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load(path: str | Path) -> Classifier:
