@@ -18,7 +18,7 @@ import time
 import torch
 
 from mirage import score, tasks
-from mirage.filters import SIGMA, lowpass
+from mirage.filters import SIGMA
 from mirage.models import load_model
 from mirage.views import make_view
 
@@ -55,7 +55,7 @@ def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_cl
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
         images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
-                         maps=[lambda x: x], **pick)
+                         maps=[score.identity], **pick)
         return {name: _sample_scores(clf, images, labels) for name, clf in judges.items()}
     pairs = [(a, b) for a, b in itertools.permutations(range(10), 2) for _ in range(pair_seeds)]
     first, second = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
@@ -67,10 +67,10 @@ def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_cl
         both = torch.stack([first, second], 1)
         return {name: dict(anagram_both=score.illusion_accuracy(clf, images, both, views)["all"])
                 for name, clf in judges.items()}
-    low = lowpass(model.size, sigma)
+    maps = score.hybrid_maps(model.size, sigma)
     images = best_of(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", sigma=sigma, **kw), prompts,
-                     maps=[low, lambda x: x], **pick)
-    each = {name: score.hybrid_accuracy(clf, images, first, second, low)["each"] for name, clf in judges.items()}
+                     maps=maps, **pick)
+    each = {name: score.hybrid_accuracy(clf, images, first, second, maps[0])["each"] for name, clf in judges.items()}
     return {name: dict(hybrid_low=e[0], hybrid_high=e[1]) for name, e in each.items()}
 
 

@@ -2,6 +2,7 @@
 pipeline that loads the models, runs stage I then stage II, and writes images, sheets and result.json."""
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from torch import Tensor
 from . import demo, tasks
 from .cli import IF_DEFAULTS, SMALL_DEFAULTS, Command, parse_interval, seeds_of, task_defaults
 from .errors import UsageError
+from .filters import SIGMA
 from .models import is_small, load_model, load_upscaler, resolve_device
 from .outputs import RunDir
 from .sample import validate
 from .schedule import ddim_step, ddpm_step
+from .score import best_first, classifier_for, hybrid_maps, identity
 
 Run = Callable[..., Tensor]  # (model, items, **stage) -> images for those items
 
@@ -35,16 +38,16 @@ class Job:
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 def execute(args, job: Job) -> int:
-    device = resolve_device(args.device)
-    model = load_model(args.model, device, args.memory)
     defaults = task_defaults(SMALL_DEFAULTS if is_small(args.model) else IF_DEFAULTS, job.task)
     stage1 = dict(steps=defaults["steps"] if args.steps is None else args.steps,
                   guidance=defaults["guidance"] if args.guidance is None else args.guidance)
-    validate(**stage1)
+    validate(**stage1)  # settings first: a wrong one is reported before any model is loaded
     interval = (defaults["guidance_interval"] if args.guidance_interval is None
                 else parse_interval(args.guidance_interval))
     if interval is not None:
         stage1["guidance_interval"] = interval
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, args.memory)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     classifier = _ranker(args, job, model)
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
@@ -100,8 +103,6 @@ def _ranker(args, job: Job, model):
     """The classifier that ranks this job's images, or None without --pick best; checked before any work."""
     if getattr(args, "pick", "none") != "best":
         return None
-    from .score import classifier_for
-
     classifier = classifier_for(model)
     if classifier is None:
         raise UsageError(f"--pick best ranks with a built-in model's classifier, and {args.model} has none: "
@@ -112,8 +113,6 @@ def _ranker(args, job: Job, model):
 
 
 def _rank(classifier, model, job: Job, images: Tensor):
-    from .score import best_first
-
     prompts, maps = job.checks(images.shape[-1])
     return best_first(classifier, model, images, [prompts] * len(images), maps)
 
@@ -150,10 +149,6 @@ def _batched(run: Run, model, items: list[dict], args, low_res: Tensor | None = 
     return torch.cat(parts)
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
 def seeds(items: list[dict]) -> list[int]:
     return [item["seed"] for item in items]
 
@@ -170,7 +165,7 @@ def sample_cmd(args) -> int:
 
     return execute(args, Job("sample", [dict(seed=s) for s in seeds_of(args)], run,
                              settings=dict(prompt=args.prompt), sheet=_grid_sheet,
-                             checks=lambda size: ([args.prompt], [_identity])))
+                             checks=lambda size: ([args.prompt], [identity])))
 
 
 # ---- edits --------------------------------------------------------------------------------------
@@ -302,8 +297,8 @@ def hybrid_args(p):
                    help="which factorization: low/high pass (default), low/mid/high, gray/color, motion")
     for part in ("low", "mid", "high", "gray", "color", "motion", "still"):
         p.add_argument(f"--{part}", help=f"prompt for the {part} component")
-    p.add_argument("--sigma", type=float, default=2.0, help="low/high split: Gaussian sigma in px at 64 px, "
-                                                           "scaled with the resolution (default 2)")
+    p.add_argument("--sigma", type=float, default=SIGMA, help="low/high split: Gaussian sigma in px at 64 px, "
+                                                             f"scaled with the resolution (default {SIGMA:g})")
     p.add_argument("--image", help="take one component from this image instead of a prompt (inverse problem)")
     p.add_argument("--image-component", help="which component the image gives (default: the first, e.g. low "
                                              "or gray)")
@@ -328,15 +323,11 @@ def hybrid_cmd(args) -> int:
             kw = dict(image=image_for(model, args), image_component=parts.index(from_image))
         return tasks.hybrid(model, prompts, seeds(items), kind=args.kind, sigma=args.sigma, **kw, **stage)
 
-    def checks(size: int):  # seen from afar (blurred): the low prompt; close up: the high one
-        from .filters import lowpass
-
-        return prompts, [lowpass(size, args.sigma), _identity]
-
     job = Job("hybrid", [dict(seed=s) for s in seeds_of(args)], run, sheet=_hybrid_sheet,
               settings=dict(kind=args.kind, sigma=args.sigma, prompts=prompts, components=list(parts),
                             image=args.image, image_component=from_image),
-              checks=checks if args.kind == "lowhigh" and from_image is None else None)
+              checks=(lambda size: (prompts, hybrid_maps(size, args.sigma)))
+              if args.kind == "lowhigh" and from_image is None else None)
     return execute(args, job)
 
 
@@ -391,12 +382,6 @@ def denoise_cmd(args) -> int:
     if not args.quiet:
         print(f"wrote the denoising study to {out.path}")
     return 0
-
-
-def embed_cmd(args) -> int:
-    from .prompts import embed_command
-
-    return embed_command(args)
 
 
 def embed_args(p):
@@ -492,10 +477,11 @@ def views_cmd(args) -> int:
     return 0
 
 
-def fetch_cmd(args) -> int:
-    from .denoisers.deepfloyd import fetch_command
-
-    return fetch_command(args)
+def _deferred(module: str, name: str) -> Callable:
+    """A command handler that imports its IF module only when it runs, so other commands start light."""
+    def handler(args) -> int:
+        return getattr(importlib.import_module(module, __package__), name)(args)
+    return handler
 
 
 def fetch_args(p):
@@ -515,9 +501,9 @@ COMMANDS = [
             hybrid_args, hybrid_cmd),
     Command("views", "list the views anagrams can use", lambda p: None, views_cmd, common=False),
     Command("fetch", "download IF weights once (needs network and, for DeepFloyd, an accepted licence)",
-            fetch_args, fetch_cmd, common=False),
+            fetch_args, _deferred(".denoisers.deepfloyd", "fetch_command"), common=False),
     Command("demo", "the course's deliverable set on the built-in models, as one HTML report",
             demo.add_arguments, demo.handler, common=False),
-    Command("embed", "encode prompts with IF's T5 once and cache them on disk", embed_args, embed_cmd,
-            common=False),
+    Command("embed", "encode prompts with IF's T5 once and cache them on disk", embed_args,
+            _deferred(".prompts", "embed_command"), common=False),
 ]

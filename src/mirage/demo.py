@@ -229,14 +229,46 @@ def _best(d: Demo, images: Tensor, labels: list[list[str]], maps) -> tuple[Tenso
     return best_first(d.classifier, d.model, images, labels, maps)[0], "best first by the built-in classifier's score"
 
 
-def _candidate_sheet(d: Demo, file: str, images: Tensor, order: Tensor, seeds: list[int], title: str) -> Figure:
+def _candidate_sheet(d: Demo, file: str, c: "Picked", title: str) -> Figure:
     from .io import contact_sheet, to_pil
 
-    cells = [(to_pil(images[k]), f"seed {seeds[k]}") for k in order.tolist()]
+    order = c.order.tolist()
+    cells = [(to_pil(c.images[k]), f"seed {c.seeds[k]}") for k in order]
     sheet = contact_sheet([cells[i:i + 4] for i in range(0, len(cells), 4)], cell=4 * d.model.size)
     d.out.save_image(file, sheet, dict(title=title))
-    return Figure(file, f"all {len(images)} candidates", dict(order="best first", seeds=[seeds[k] for k in order]),
+    return Figure(file, f"all {len(c.images)} candidates", dict(order="best first", seeds=[c.seeds[k] for k in order]),
                   smooth=True)
+
+
+@dataclass
+class Picked:
+    """The candidates of one prompt pair, best first by `order`."""
+    pair: tuple[str, str]
+    images: Tensor
+    order: Tensor
+    how: str  # how they were ranked, for the caption
+    seeds: list[int]
+
+    @property
+    def best(self) -> Tensor:
+        return self.images[self.order[0]]
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[self.order[0]]
+
+
+def _best_of_pairs(d: Demo, pairs: Sequence[tuple[str, str]], make, maps) -> list[Picked]:
+    """All candidates of every prompt pair made in one call, `make(prompts, seeds)`, and ranked per pair."""
+    n = d.size.candidates
+    seeds = list(range(n))
+    images = make([[p[i] for p in pairs for _ in seeds] for i in range(2)], seeds * len(pairs))
+    picked = []
+    for k, pair in enumerate(pairs):
+        group = images[k * n:(k + 1) * n]
+        order, how = _best(d, group, [list(pair)] * n, maps)
+        picked.append(Picked(tuple(pair), group, order, how, seeds))
+    return picked
 
 
 def anagrams(d: Demo) -> Section:
@@ -245,51 +277,48 @@ def anagrams(d: Demo) -> Section:
     from .views import parse_views
 
     views, n = parse_views(["identity", "flip"]), d.size.candidates
-    pairs = d.plan.anagrams
-    seeds = list(range(n))
-    prompts = [[p[i] for p in pairs for _ in seeds] for i in range(2)]
-    images = tasks.anagram(d.model, prompts, views, seeds * len(pairs), steps=d.size.steps, guidance=d.guidance)
+
+    def make(prompts, seeds):
+        return tasks.anagram(d.model, prompts, views, seeds, steps=d.size.steps, guidance=d.guidance)
+
     blocks = []
-    for k, pair in enumerate(pairs):
-        group = images[k * n:(k + 1) * n]
-        order, how = _best(d, group, [list(pair)] * n, [v.view for v in views])
-        best, seed = group[order[0]], seeds[order[0]]
-        settings = dict(prompts=list(pair), views=["identity", "flip"], seed=seed, steps=d.size.steps,
+    for k, c in enumerate(_best_of_pairs(d, d.plan.anagrams, make, [v.view for v in views])):
+        settings = dict(prompts=list(c.pair), views=["identity", "flip"], seed=c.seed, steps=d.size.steps,
                         guidance=d.guidance, candidates=n)
-        figs = [d.figure(f"a-anagram{k}-{v.name}.png", v.view(best[None])[0], f"{v.name}: {p}", **settings)
-                for v, p in zip(views, pair)]
-        frames = illusion_animation(best, views, list(pair), size=192, steps=d.size.frames,
+        figs = [d.figure(f"a-anagram{k}-{v.name}.png", v.view(c.best[None])[0], f"{v.name}: {p}", **settings)
+                for v, p in zip(views, c.pair)]
+        frames = illusion_animation(c.best, views, list(c.pair), size=192, steps=d.size.frames,
                                     hold=max(2, d.size.frames // 2))
         gif = save_gif(d.out.file(f"a-anagram{k}.gif"), frames).name
-        figs.append(Figure(gif, "animation", dict(views="identity → flip", seed=seed), smooth=True))
-        figs.append(_candidate_sheet(d, f"a-anagram{k}-candidates.png", group, order, seeds, f"anagram {pair}"))
-        blocks.append(Block(f"{pair[0]} / upside down: {pair[1]}", f"Best of {n} candidates, {how}.", figs, cell=170))
+        figs.append(Figure(gif, "animation", dict(views="identity → flip", seed=c.seed), smooth=True))
+        figs.append(_candidate_sheet(d, f"a-anagram{k}-candidates.png", c, f"anagram {c.pair}"))
+        blocks.append(Block(f"{c.pair[0]} / upside down: {c.pair[1]}", f"Best of {n} candidates, {c.how}.", figs,
+                            cell=170))
     return Section("anagrams", "Part A 1.8 · Visual anagrams", blocks)
 
 
 def hybrids(d: Demo) -> Section:
     """1.9: three low/high-pass hybrids (factorized diffusion), candidates ranked like the anagrams'."""
-    from .filters import make_components
+    from .filters import SIGMA
+    from .score import hybrid_maps
 
-    n, pairs = d.size.candidates, d.plan.hybrids
-    seeds = list(range(n))
-    prompts = [[p[i] for p in pairs for _ in seeds] for i in range(2)]
-    images = tasks.hybrid(d.model, prompts, seeds * len(pairs), kind="lowhigh", steps=d.size.steps,
-                          guidance=d.guidance)
-    low = make_components("lowhigh", d.model.size)[0]
+    n, maps = d.size.candidates, hybrid_maps(d.model.size, SIGMA)
+    low = maps[0]
+
+    def make(prompts, seeds):
+        return tasks.hybrid(d.model, prompts, seeds, kind="lowhigh", steps=d.size.steps, guidance=d.guidance)
+
     blocks = []
-    for k, (lo, hi) in enumerate(pairs):
-        group = images[k * n:(k + 1) * n]
-        order, how = _best(d, group, [[lo, hi]] * n, [low, lambda x: x])
-        best, seed = group[order[0]], seeds[order[0]]
-        settings = dict(low=lo, high=hi, kind="lowhigh", seed=seed, steps=d.size.steps, guidance=d.guidance)
+    for k, c in enumerate(_best_of_pairs(d, d.plan.hybrids, make, maps)):
+        (lo, hi), best = c.pair, c.best
+        settings = dict(low=lo, high=hi, kind="lowhigh", seed=c.seed, steps=d.size.steps, guidance=d.guidance)
         figs = [d.figure(f"a-hybrid{k}.png", best, f"close up: {hi}", **settings),
                 d.figure(f"a-hybrid{k}-low.png", low(best[None])[0].clamp(-1, 1), f"low pass (from afar): {lo}",
                          **settings),
                 Figure(f"a-hybrid{k}.png", f"small (from afar): {lo}", dict(settings, shown_at=f"{d.model.size} px"),
                        smooth=True, width=d.model.size),
-                _candidate_sheet(d, f"a-hybrid{k}-candidates.png", group, order, seeds, f"hybrid {lo}/{hi}")]
-        blocks.append(Block(f"{lo} from afar, {hi} close up", f"Best of {n} candidates, {how}.", figs, cell=150))
+                _candidate_sheet(d, f"a-hybrid{k}-candidates.png", c, f"hybrid {lo}/{hi}")]
+        blocks.append(Block(f"{lo} from afar, {hi} close up", f"Best of {n} candidates, {c.how}.", figs, cell=150))
     return Section("hybrids", "Part A 1.9 · Hybrid images", blocks)
 
 

@@ -32,8 +32,16 @@ def prepare(images: Tensor, size: int) -> Tensor:
     return x
 
 
-def _identity(x: Tensor) -> Tensor:
+def identity(x: Tensor) -> Tensor:
     return x
+
+
+def hybrid_maps(size: int, sigma: float) -> list[Filter]:
+    """How a low/high hybrid is checked: blurred (seen from afar) it shows the low prompt, as it is (close
+    up) the high one. `sigma` is the low pass's, given at 64 px like the hybrid filters."""
+    from .filters import lowpass
+
+    return [lowpass(size, sigma), identity]
 
 
 @torch.inference_mode()
@@ -117,13 +125,13 @@ def hybrid_accuracy(classifier: nn.Module, images: Tensor, low_labels: Tensor, h
                     blur: Filter) -> dict:
     """Hybrids: the blurred image (seen from afar) should show the low label, the full image the high one."""
     labels = torch.stack([torch.as_tensor(low_labels), torch.as_tensor(high_labels)], 1)
-    return map_accuracy(classifier, images, labels, [blur, _identity])
+    return map_accuracy(classifier, images, labels, [blur, identity])
 
 
 def rank(classifier: nn.Module, images: Tensor, labels: Tensor, views: Sequence | None = None) -> Tensor:
     """A score per image, higher is better: the mean log-probability of the right class over the views
     (labels [N] without views, [N, V] with V views). Sort candidates by it to keep the best."""
-    return rank_maps(classifier, images, labels, [_identity] if views is None else [v.view for v in views])
+    return rank_maps(classifier, images, labels, [identity] if views is None else [v.view for v in views])
 
 
 def rank_maps(classifier: nn.Module, images: Tensor, labels: Tensor, maps: Sequence[Filter]) -> Tensor:
@@ -268,12 +276,12 @@ def _group_of(entry: dict, size: int, blur: float | None) -> Group | None:
     if task == "hybrid":
         if entry.get("kind", "lowhigh") != "lowhigh":
             return None
-        from .filters import SIGMA, lowpass
+        from .filters import SIGMA
 
-        sigma = blur or entry.get("sigma") or SIGMA
-        return Group("hybrid", ["low (blurred)", "high (full image)"], [lowpass(size, sigma), _identity])
+        return Group("hybrid", ["low (blurred)", "high (full image)"],
+                     hybrid_maps(size, blur or entry.get("sigma") or SIGMA))
     if entry.get("prompt") is not None:
-        return Group(task, ["image"], [_identity])
+        return Group(task, ["image"], [identity])
     return None
 
 
