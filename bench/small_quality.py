@@ -20,6 +20,7 @@ import torch
 from mirage import score, tasks
 from mirage.filters import SIGMA
 from mirage.models import load_model
+from mirage.schedule import ddim_step, ddpm_step
 from mirage.views import make_view
 
 
@@ -46,11 +47,11 @@ def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps)
 
 def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
              chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
-             resample: int = 1, candidates: int = 1, ranker=None) -> dict:
+             resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step) -> dict:
     """Scores by each judge (name: classifier) of images made for `task`, each the best of `candidates` by
     `ranker`: {judge name: scores}."""
     names = model.class_names
-    kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample)
+    kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample, step=step)
     pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
@@ -93,6 +94,8 @@ def main() -> None:
                    help="guidance intervals for the samples: none or LO-HI (timesteps), e.g. none 150-750")
     p.add_argument("--hybrid-sigma", type=float, nargs="+", default=[SIGMA], help="low/high split (at 64 px)")
     p.add_argument("--reduce", nargs="+", default=["mean"], help="anagram reductions: mean, alternate")
+    p.add_argument("--eta", type=float, nargs="+", default=None,
+                   help="DDIM with these etas (0: deterministic) instead of the DDPM step (all tasks)")
     p.add_argument("--resample", type=int, default=1, help="RePaint-style repeats of each step (all tasks)")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--pair-seeds", type=int, default=2, help="seeds per ordered class pair (90 pairs)")
@@ -106,15 +109,24 @@ def main() -> None:
         model = load_model(ref, torch.device(args.device))
         judges = {str(c): score.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
         ranker = score.classifier_for(model)
-        for (task, g, extra), k in itertools.product(settings(args), args.candidates):
+        for (task, g, extra), k, (sampler, step) in itertools.product(settings(args), args.candidates,
+                                                                       samplers(args.eta)):
             t0 = time.time()
             results = evaluate(model, judges, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
-                               resample=args.resample, candidates=k, ranker=ranker, **extra)
+                               resample=args.resample, candidates=k, ranker=ranker, step=step, **extra)
             for judge, result in results.items():
-                row = dict(model=ref, judge=judge, task=task, steps=args.steps, resample=args.resample, guidance=g,
-                           candidates=k, **extra, **result, seconds=round(time.time() - t0, 1))
+                row = dict(model=ref, judge=judge, task=task, sampler=sampler, steps=args.steps,
+                           resample=args.resample, guidance=g, candidates=k, **extra, **result,
+                           seconds=round(time.time() - t0, 1))
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
+
+
+def samplers(etas: list[float] | None):
+    """(name, step function) pairs: the DDPM step, or DDIM at each eta."""
+    if etas is None:
+        return [("ddpm", ddpm_step)]
+    return [(f"ddim eta={eta:g}", lambda *a, eta=eta: ddim_step(*a, eta=eta)) for eta in etas]
 
 
 def settings(args):

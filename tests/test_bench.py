@@ -41,3 +41,11 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path):
     for folder in ("IF-I-tiny/unet", "IF-I-tiny/text_encoder"):  # saved in the hub layout, fp16 variants
         assert any(".fp16" in f.name for f in (tmp_path / "models" / folder).iterdir())
     assert (tmp_path / "models" / "IF-I-tiny/text_encoder/model.safetensors.index.fp16.json").is_file()
+
+
+def test_tiny_profile_runs_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "if_profile.py"), "--tiny", "--root", str(tmp_path / "models")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in ("stage I  batch  4 mirage:", "stage II batch  2 mirage:", "T5 gpu : load", "done in"):
+        assert line in done.stdout, done.stdout

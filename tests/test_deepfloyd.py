@@ -51,6 +51,20 @@ def test_stages_load_from_folders(tiny_if_models):
     assert one._unet is None and two._unet is None  # nothing heavy is loaded before the first call
 
 
+def test_compile_reaches_both_stages_and_stays_off_by_default(tiny_if_models):
+    from mirage.denoisers.deepfloyd import COMPILE_MODE
+    from mirage.models import load_model, load_upscaler
+
+    ref = str(tiny_if_models.stage_1)
+    one = load_model(ref, torch.device("cpu"), compile=True)
+    two = load_upscaler(str(tiny_if_models.stage_2), ref, torch.device("cpu"), compile=True)
+    assert one.compile == two.compile == COMPILE_MODE
+    assert load_model(ref, torch.device("cpu")).compile is None
+    # off a GPU there are no CUDA graphs to compile under: the call runs eagerly and gives the same result
+    x, cond = torch.randn(1, 3, 16, 16), one.encode(["a cat"])
+    assert torch.equal(one(x, 500, cond)[0], load_model(ref, torch.device("cpu"))(x, 500, cond)[0])
+
+
 def test_a_stage_passed_in_the_wrong_role_is_refused(tiny_if_models):
     with pytest.raises(MirageError, match="stage-II upscaler model; pass it as --upscaler"):
         IFStage(str(tiny_if_models.stage_2))

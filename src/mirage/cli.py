@@ -69,6 +69,9 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
                         "model, none after a built-in one)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--memory", default="auto", help="memory plan for IF: auto, gpu, offload, blocks, cpu (default auto: from free VRAM/RAM)")
+    g.add_argument("--compile", action="store_true",
+                   help="IF on a GPU: torch.compile the UNets (about 1.5x faster; each new batch size compiles "
+                        "for 1-2 minutes the first time, cached after)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     g.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-7,12 (overrides --seed/--n)")

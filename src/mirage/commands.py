@@ -47,13 +47,13 @@ def execute(args, job: Job) -> int:
     if interval is not None:
         stage1["guidance_interval"] = interval
     device = resolve_device(args.device)
-    model = load_model(args.model, device, args.memory)
+    model = load_model(args.model, device, args.memory, args.compile)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     classifier = _ranker(args, job, model)
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
     images = _batched(job.run, model, job.items, args, step=step, progress=not args.quiet, **stage1)
     stages = [dict(model=args.model, size=model.size, **stage1)]
-    upscaler = load_upscaler(args.upscaler, args.model, device, args.memory)
+    upscaler = load_upscaler(args.upscaler, args.model, device, args.memory, args.compile)
     if upscaler is not None:
         stage2 = dict(steps=args.steps2, guidance=args.guidance2)
         validate(**stage2)

@@ -22,22 +22,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(ref: str, device: torch.device, memory: str = "auto") -> Denoiser:
-    """The stage-I (or only) model `ref` names."""
+def load_model(ref: str, device: torch.device, memory: str = "auto", compile: bool = False) -> Denoiser:
+    """The stage-I (or only) model `ref` names; `compile` applies to IF's UNets on a GPU."""
     if is_small(ref):
         from .denoisers.small import load_builtin, load_small
 
         return (load_builtin(ref) if ref in BUILTIN else load_small(Path(ref))).to(device)
     from .denoisers.deepfloyd import load_stage
 
-    return load_stage(ref, device=device, memory=memory)
+    return load_stage(ref, device=device, memory=memory, compile=compile)
 
 
-def load_upscaler(ref: str | None, stage1_ref: str, device: torch.device, memory: str = "auto") -> Denoiser | None:
+def load_upscaler(ref: str | None, stage1_ref: str, device: torch.device, memory: str = "auto",
+                  compile: bool = False) -> Denoiser | None:
     """The super-resolution stage: `auto` is IF-II-L after an IF model and none after a small one."""
     if ref in (None, "none") or (ref == "auto" and is_small(stage1_ref)):
         return None
     from .denoisers.deepfloyd import load_stage
 
     return load_stage(DEFAULT_UPSCALER if ref == "auto" else ref, device=device, memory=memory,
-                      text_encoder_from=stage1_ref)
+                      text_encoder_from=stage1_ref, compile=compile)
