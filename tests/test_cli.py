@@ -130,6 +130,10 @@ def test_builtin_defaults_are_per_task_and_recorded(tmp_path):
     entry = _result(tmp_path / "h")["images"][0]
     assert entry["sigma"] == 3 and entry["stages"][0]["guidance"] == 5.0
     assert "guidance_interval" not in entry["stages"][0]
+    assert main(["sample", "--model", "digits", "--prompt", "7", "--steps", "3", "--out", str(tmp_path / "d"),
+                 "--quiet"]) == 0  # digits has its own sample defaults
+    stage = _result(tmp_path / "d")["images"][0]["stages"][0]
+    assert stage["guidance"] == 1.5 and "guidance_interval" not in stage
 
 
 def test_out_that_is_a_file(tmp_path, capsys):

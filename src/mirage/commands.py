@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import demo, tasks
-from .cli import IF_DEFAULTS, SMALL_DEFAULTS, Command, parse_interval, seeds_of, task_defaults
+from .cli import Command, parse_interval, seeds_of, task_defaults
 from .errors import UsageError
 from .filters import SIGMA
 from .models import is_small, load_model, load_upscaler, resolve_device
@@ -38,7 +38,7 @@ class Job:
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 def execute(args, job: Job) -> int:
-    defaults = task_defaults(SMALL_DEFAULTS if is_small(args.model) else IF_DEFAULTS, job.task)
+    defaults = task_defaults(args.model, is_small(args.model), job.task)
     stage1 = dict(steps=defaults["steps"] if args.steps is None else args.steps,
                   guidance=defaults["guidance"] if args.guidance is None else args.guidance)
     validate(**stage1)  # settings first: a wrong one is reported before any model is loaded
