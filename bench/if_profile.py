@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import sys
 import time
 from pathlib import Path
@@ -113,7 +114,7 @@ def t5_int8(b: Bench, folder: Path) -> None:
                                                  memory.Plan(plan))
         b.sync()
         load = time.perf_counter() - t0
-        seconds, out[plan] = b.wall(lambda: _embed(tokenizer, model, texts))
+        seconds, out[plan] = b.wall(functools.partial(_embed, tokenizer, model, texts))
         peak = torch.cuda.max_memory_allocated() / memory.GiB if not b.tiny else 0.0
         del tokenizer, model
         print(f"T5 {plan:<4}: load {load:5.2f} s, encode {len(texts)} prompts {seconds:5.2f} s, "

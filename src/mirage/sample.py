@@ -68,7 +68,7 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timeste
     bar = _progress(len(timesteps), progress)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        x_t = x
+        x_t = x_next = x
         for r in range(resample):
             if r:  # jump back: q(x_t | x_t_prev) for a fresh try at this step
                 x_t = _renoise(model, x_next, t_prev, t, noise)
