@@ -27,8 +27,9 @@ MEMORY_PLANS = memory.PLANS
 # torch.compile's default mode fuses the UNets' elementwise work (40 % of stage I's GPU time at batch 4) into
 # the convolutions' neighbours: on an H100 (bench/if_profile.py) stage I at batch 4 goes from 43.9 to 32.2 ms,
 # at batch 16 from 40 % to 60 % of peak, stage II at batch 4 from 66.5 to 38.2 ms; each new batch shape
-# costs 80-130 s of compiling the first time (inductor caches it on disk for the next run).
+# costs 70-130 s of compiling the first time (inductor caches it on disk for the next run).
 COMPILE_MODE = "default"
+
 
 def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                memory: str = "auto", text_encoder_from: str | None = None, cache_dir: str | Path | None = None,
@@ -42,9 +43,8 @@ def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype 
     sched_cfg = hub.read_config(folder, hub.SCHEDULER)
     _, cond_channels, _ = _shape(hub.read_config(folder, hub.UNET), _learned(sched_cfg), folder)
     cls = IFUpscaler if cond_channels else IFStage
-    stage = cls(ref, device, dtype, text_encoder=text_encoder_from, cache_dir=cache_dir, memory=memory)
-    stage.compile = COMPILE_MODE if compile else None
-    return stage
+    return cls(ref, device, dtype, text_encoder=text_encoder_from, cache_dir=cache_dir, memory=memory,
+               compile=compile)
 
 
 class IFStage:
@@ -52,11 +52,13 @@ class IFStage:
 
     Prompts are encoded by the T5 of `text_encoder` (default: `ref` itself); give stage II the stage-I
     model there, whose T5 IF shares. `memory` is a plan name (memory.PLANS); `plan` is the plan in force
-    once the UNet has loaded. Results come back on `device` whatever the plan computes on.
+    once the UNet has loaded. Results come back on `device` whatever the plan computes on. `compile`
+    torch.compiles the UNet where it runs from CUDA graphs, resident on a GPU.
     """
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto"):
+                 text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto",
+                 compile: bool = False):
         self._device = torch.device(device)
         self._dtype = dtype or hub.default_dtype(self._device)
         self.ref = ref
@@ -81,7 +83,7 @@ class IFStage:
         # make IF-I-XL's call at 64 px 20 % faster and IF-II-L's at 256 px 30 % slower (its group norms).
         self.channels_last = not self.is_upscaler
         self.use_graphs = True  # capture CUDA graphs when the whole UNet is on a GPU
-        self.compile: str | None = None  # torch.compile's mode for the UNet under its graphs; None: eager
+        self.compile = COMPILE_MODE if compile else None  # torch.compile's mode under the graphs; None: eager
 
     @property
     def device(self) -> torch.device:
@@ -250,8 +252,9 @@ class IFUpscaler(IFStage):
     """IF stage II: denoises at `size` conditioned on a low-res image upscaled and noised to a level."""
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto"):
-        super().__init__(ref, device, dtype, text_encoder, cache_dir, memory)
+                 text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto",
+                 compile: bool = False):
+        super().__init__(ref, device, dtype, text_encoder, cache_dir, memory, compile)
         folder = hub.resolve(ref, (hub.NOISING,), self._dtype)
         self.noising = Schedule.from_config(hub.read_config(folder, hub.NOISING))
 
