@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 import if_arch  # noqa: E402
-from if_gpu import PEAK, PROMPTS, Bench, count_flops, direct_call, unet_inputs  # noqa: E402
+from if_gpu import PROMPTS, Bench, count_flops, direct_call, rate_text, unet_inputs  # noqa: E402
 
 from mirage import hub, memory  # noqa: E402
 from mirage.denoisers.deepfloyd import _Graphs, load_stage  # noqa: E402
@@ -63,8 +63,8 @@ def calls(b: Bench, stages: dict, embeds, modes: list[str], budget: float, start
         x, cond = inputs[name, batch] = unet_inputs(stage, batch, embeds)
         flops[name, batch] = count_flops(direct_call(stage, x, cond, stage.channels_last))
         with torch.no_grad():
-            ms = b.latency(lambda: stage(x, 500, cond)) * 1e3
-        print(f"stage {name:<2} batch {batch:>2} mirage: {_rate(ms, flops[name, batch])}", flush=True)
+            seconds = b.latency(lambda: stage(x, 500, cond))
+        print(f"stage {name:<2} batch {batch:>2} mirage: {rate_text(seconds, flops[name, batch])}", flush=True)
         if not b.tiny:
             shares = kernel_shares(direct_call(stage, x, cond, stage.channels_last))
             print("    GPU time: " + ", ".join(f"{f} {100 * s:.0f} %" for f, s in shares.items()), flush=True)
@@ -83,19 +83,14 @@ def calls(b: Bench, stages: dict, embeds, modes: list[str], budget: float, start
                     stage(x, 500, cond)
                     b.sync()
                     warm = time.perf_counter() - t0
-                    ms = b.latency(lambda: stage(x, 500, cond)) * 1e3
-                print(f"stage {name:<2} batch {batch:>2} compiled ({mode}): {_rate(ms, flops[name, batch])}  "
+                    seconds = b.latency(lambda: stage(x, 500, cond))
+                print(f"stage {name:<2} batch {batch:>2} compiled ({mode}): {rate_text(seconds, flops[name, batch])}  "
                       f"(compile + capture {warm:.0f} s)", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
                 print(f"stage {name:<2} batch {batch:>2} compiled ({mode}): FAILED {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
             finally:
                 stage._graphs = saved
-
-
-def _rate(ms: float, flops: int) -> str:
-    rate = flops / (ms * 1e-3)
-    return f"{ms:8.2f} ms  {rate / 1e12:6.1f} TFLOP/s = {100 * rate / PEAK:5.1f} % of 790"
 
 
 def t5_int8(b: Bench, folder: Path) -> None:

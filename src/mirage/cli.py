@@ -73,7 +73,8 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
                    help="IF stage-II hub id or folder, or none (default: DeepFloyd/IF-II-L-v1.0 after an IF "
                         "model, none after a built-in one)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--memory", default="auto", help="memory plan for IF: auto, gpu, offload, blocks, cpu (default auto: from free VRAM/RAM)")
+    g.add_argument("--memory", default="auto",
+                   help="memory plan for IF: auto, gpu, offload, blocks, cpu (default auto: from free VRAM/RAM)")
     g.add_argument("--compile", action="store_true",
                    help="IF on a GPU: torch.compile the UNets (about 1.5x faster; each new batch size compiles "
                         "for 1-2 minutes the first time, cached after)")
