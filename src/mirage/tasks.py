@@ -15,6 +15,7 @@ from torch import Tensor
 from .combine import Term
 from .denoisers.base import Denoiser
 from .errors import UsageError
+from .filters import SIGMA, make_components
 from .sample import Noise, diffuse, validate
 from .schedule import CLEAN, Schedule, ddpm_step
 
@@ -120,16 +121,15 @@ def anagram(model: Denoiser, prompts: Sequence[Prompt], views: Sequence, seeds: 
 
 
 def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kind: str = "lowhigh",
-           image: Tensor | None = None, image_component: int | None = None, sigma: float | None = None,
+           image: Tensor | None = None, image_component: int | None = None, sigma: float = SIGMA,
            **kw) -> Tensor:
     """Factorized diffusion: component i of the result (low/high pass, gray/color, ...) shows prompt i.
 
     With `image`, component `image_component` is taken from that image instead (its prompt is ignored):
-    a photo as the low pass of a hybrid, or a grayscale photo colorized.
+    a photo as the low pass of a hybrid, or a grayscale photo colorized. `sigma` (given at 64 px) splits low
+    from high.
     """
-    from .filters import SIGMA, make_components
-
-    components = make_components(kind, model.size, SIGMA if sigma is None else sigma)
+    components = make_components(kind, model.size, sigma)
     if len(prompts) != len(components):
         raise UsageError(f"a {kind!r} hybrid needs {len(components)} prompts, got {len(prompts)}")
     keep = None
