@@ -32,27 +32,38 @@ def chunked(fn, prompts: list, seeds: list[int], chunk: int) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps) -> torch.Tensor:
-    """One image per entry of prompts: with candidates K > 1, the best of K (seeds k*K .. k*K+K-1) by the
-    ranking classifier, as `--pick best` would choose; the judge then scores only the chosen ones."""
+def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps, pick: str = "best") -> torch.Tensor:
+    """One image per entry of prompts, made from K candidates and checked by the ranking classifier: "best"
+    makes all K (seeds k*K .. k*K+K-1) and keeps the best, as `--pick best` over `--n K`; "first" keeps
+    the first of K tries read right, as `--tries K`. The judges then score only the chosen images."""
     n, k = len(prompts[0]), candidates
+    if pick == "first":
+        items = [dict(seed=i, prompts=[p[i] for p in prompts]) for i in range(n)]
+
+        def make(items):
+            return chunked(fn, [list(ps) for ps in zip(*(it["prompts"] for it in items))],
+                           [it["seed"] for it in items], chunk)
+
+        def judge(images, items):
+            return score.candidate_scores(ranker, model, images, [it["prompts"] for it in items], maps)
+
+        return score.first_right(make, judge, items, k)[0]
     wide = [[p for p in ps for _ in range(k)] for ps in prompts]
     images = chunked(fn, wide, list(range(n * k)), chunk)
     if k == 1:
         return images
-    _, scores = score.best_first(ranker, model, images, list(zip(*wide)), maps)
-    best = scores.view(n, k).argmax(1)
-    return images.view(n, k, *images.shape[1:])[torch.arange(n), best]
+    scores, _ = score.candidate_scores(ranker, model, images, list(zip(*wide)), maps)
+    return images.view(n, k, *images.shape[1:])[torch.arange(n), scores.view(n, k).argmax(1)]
 
 
 def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
              chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
-             resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step) -> dict:
+             resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step, pick: str = "best") -> dict:
     """Scores by each judge (name: classifier) of images made for `task`, each the best of `candidates` by
     `ranker`: {judge name: scores}."""
     names = model.class_names
     kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample, step=step)
-    pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model)
+    pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model, pick=pick)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
         images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
@@ -86,7 +97,9 @@ def main() -> None:
     p.add_argument("--classifier", nargs="+", default=None, help="the judges: classifier names or files "
                                                                  "(default: the model's data set's shipped one)")
     p.add_argument("--candidates", type=int, nargs="+", default=[1],
-                   help="best of K candidates, ranked by the shipped classifier (as --pick best), then judged")
+                   help="one of K candidates, chosen by the shipped classifier (as --pick), then judged")
+    p.add_argument("--pick", nargs="+", choices=("best", "first"), default=["best"],
+                   help="best of K made at once (--pick best), or the first of K tries read right (--tries K)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="for the samples")
     p.add_argument("--illusion-guidance", type=float, nargs="+", default=[3.0], help="for anagrams and hybrids")
@@ -109,17 +122,22 @@ def main() -> None:
         model = load_model(ref, torch.device(args.device))
         judges = {str(c): score.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
         ranker = score.classifier_for(model)
-        for (task, g, extra), k, (sampler, step) in itertools.product(settings(args), args.candidates,
-                                                                       samplers(args.eta)):
+        for (task, g, extra), (k, pick), (sampler, step) in itertools.product(
+                settings(args), choices(args), samplers(args.eta)):
             t0 = time.time()
             results = evaluate(model, judges, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
-                               resample=args.resample, candidates=k, ranker=ranker, step=step, **extra)
+                               resample=args.resample, candidates=k, ranker=ranker, step=step, pick=pick, **extra)
             for judge, result in results.items():
                 row = dict(model=ref, judge=judge, task=task, sampler=sampler, steps=args.steps,
-                           resample=args.resample, guidance=g, candidates=k, **extra, **result,
+                           resample=args.resample, guidance=g, candidates=k, pick=pick, **extra, **result,
                            seconds=round(time.time() - t0, 1))
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
+
+
+def choices(args):
+    """(K, pick rule) pairs; one candidate needs no rule."""
+    return [(k, pick) for k in args.candidates for pick in (["-"] if k == 1 else args.pick)]
 
 
 def samplers(etas: list[float] | None):

@@ -1,7 +1,8 @@
 """Speed of the small UNets: training throughput (images/s, on the GPU if there is one) and inference
 latency of one UNet call at batch 4 on 2 CPU threads (what a 2-view anagram step with CFG costs).
 
-    python bench/train_speed.py train --data fashion --root .data/fashion --widths 32,64,128 --batch 512
+    python bench/train_speed.py train --data fashion --root .data/fashion --widths 32,64,128 --batch 512 1024 \
+        --variants eager graph compile+graph
     python bench/train_speed.py cpu --widths 32,64,128 24,48,96
 """
 from __future__ import annotations
@@ -24,11 +25,10 @@ def train_speed(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for widths in args.widths:
         for batch in args.batch:
-            for compiled, layout in _variants(args):
+            for variant in args.variants:
                 cfg = TrainConfig(kind="ddpm", data=args.data, root=args.root, classes=True, batch_size=batch,
-                                  epochs=100, compile=compiled)
+                                  epochs=100, compile="compile" in variant, graph="graph" in variant)
                 cfg.model = make_model_config(cfg, widths=_widths(widths))
-                cfg.channels_last = layout == torch.channels_last
                 trainer = Trainer(cfg, Path("/nonexistent"), device, quiet=True)
                 t0 = time.perf_counter()
                 for i in range(args.warmup):
@@ -40,14 +40,8 @@ def train_speed(args) -> None:
                     trainer.train_step(0, i % trainer.steps_per_epoch)
                 _sync(device)
                 dt = time.perf_counter() - t0
-                cl = "channels_last" if layout == torch.channels_last else "nchw"
-                print(f"train widths={widths} batch={batch} compile={compiled} {cl}: "
-                      f"{args.steps * batch / dt:,.0f} img/s, {dt / args.steps * 1e3:.2f} ms/step (warm-up {warm:.1f} s) on {device}", flush=True)
-
-
-def _variants(args) -> list:
-    layouts = [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else [])
-    return [(c, m) for c in ([False, True] if args.compile else [False]) for m in layouts]
+                print(f"train widths={widths} batch={batch} {variant}: {args.steps * batch / dt:,.0f} img/s, "
+                      f"{dt / args.steps * 1e3:.2f} ms/step (warm-up {warm:.1f} s) on {device}", flush=True)
 
 
 def cpu_latency(args) -> None:
@@ -91,8 +85,9 @@ def main() -> None:
     t.add_argument("--batch", nargs="+", type=int, default=[512])
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--compile", action="store_true", help="also time torch.compile")
-    t.add_argument("--channels-last", action="store_true", help="also time the channels-last memory layout")
+    t.add_argument("--variants", nargs="+", default=["eager", "graph"],
+                   choices=("eager", "graph", "compile", "compile+graph"),
+                   help="plain steps, steps replayed from a CUDA graph, torch.compile, or both")
     c = sub.add_parser("cpu")
     c.add_argument("--widths", nargs="+", default=["32,64,128"])
     c.add_argument("--batch-size", type=int, default=4)

@@ -119,9 +119,11 @@ def test_parse_interval():
 
 
 def test_builtin_defaults_are_per_task_and_recorded(tmp_path):
-    assert main(["sample", "--prompt", "bag", "--out", str(tmp_path / "s"), "--quiet"]) == 0
-    stage = _result(tmp_path / "s")["images"][0]["stages"][0]
-    assert (stage["steps"], stage["guidance"], stage["guidance_interval"]) == (100, 3.0, [150, 850])
+    assert main(["sample", "--prompt", "bag", "--n", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    entry = _result(tmp_path / "s")["images"][0]
+    stage = entry["stages"][0]
+    assert (stage["steps"], stage["guidance"], stage["guidance_interval"], entry["tries"]) == (100, 1.5, [150, 850], 3)
+    assert all("right" in e and "try" in e for e in _result(tmp_path / "s")["images"])
     assert main(["sample", "--prompt", "bag", "--steps", "3", "--guidance-interval", "none",
                  "--out", str(tmp_path / "n"), "--quiet"]) == 0
     assert "guidance_interval" not in _result(tmp_path / "n")["images"][0]["stages"][0]
@@ -129,11 +131,16 @@ def test_builtin_defaults_are_per_task_and_recorded(tmp_path):
                  "--out", str(tmp_path / "h"), "--quiet"]) == 0
     entry = _result(tmp_path / "h")["images"][0]
     assert entry["sigma"] == 3 and entry["stages"][0]["guidance"] == 5.0
-    assert "guidance_interval" not in entry["stages"][0]
-    assert main(["sample", "--model", "digits", "--prompt", "7", "--steps", "3", "--out", str(tmp_path / "d"),
-                 "--quiet"]) == 0  # digits has its own sample defaults
-    stage = _result(tmp_path / "d")["images"][0]["stages"][0]
-    assert stage["guidance"] == 1.5 and "guidance_interval" not in stage
+    assert "guidance_interval" not in entry["stages"][0] and "tries" not in entry  # illusions: one try
+
+
+def test_default_tries_only_where_the_classifier_can_check(tmp_path, capsys):
+    assert main(["sample", "--steps", "3", "--out", str(tmp_path / "u"), "--quiet"]) == 0  # "" is no class
+    assert "tries" not in _result(tmp_path / "u")["images"][0]
+    assert main(["sample", "--steps", "3", "--tries", "2", "--out", str(tmp_path / "v"), "--quiet"]) == 2
+    assert "not \"\"" in capsys.readouterr().err
+    assert main(["sample", "--prompt", "bag", "--tries", "0", "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "at least 1" in capsys.readouterr().err
 
 
 def test_out_that_is_a_file(tmp_path, capsys):
@@ -169,9 +176,38 @@ def test_pick_best_lists_candidates_best_first(argv, tmp_path):
     if argv[0] == "sample":  # the recorded score is the classifier's, recomputed from the written files
         images = torch.cat([load_image(out / e["file"], 28, channels=1) for e in entries])
         clf, model = score.load_classifier("fashion"), load_model("fashion", torch.device("cpu"))
-        again = score.best_first(clf, model, images, [["bag"]] * 5, [lambda x: x])[1]
+        again = score.candidate_scores(clf, model, images, [["bag"]] * 5, [lambda x: x])[0]
         assert torch.allclose(again, torch.tensor(scores), atol=0.05)
     assert Image.open(out / "sheet.png").height > 0
+
+
+def test_tries_remakes_only_the_images_the_classifier_reads_wrong(tmp_path):
+    from mirage import score
+
+    def run(*extra):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        assert main(["sample", "--prompt", "coat", "--seeds", "0-5", "--steps", "4", "--guidance", "1", *extra,
+                     "--out", str(out), "--quiet"]) == 0
+        return out, {e["seed"]: e for e in _result(out)["images"]}
+
+    once_dir, once = run("--tries", "1", "--pick", "best")
+    again_dir, again = run("--tries", "3")
+    wrong = [s for s, e in once.items() if not e["right"]]
+    assert 0 < len(wrong) < 6, "4 unguided steps should make some coats that do not read as coats"
+    for s, e in again.items():
+        if s not in wrong:  # right the first time: the same image, try 0
+            assert e["try"] == 0 and _same_file(once_dir / once[s]["file"], again_dir / e["file"])
+        else:
+            assert e["try"] > 0 or not e["right"]
+    assert sum(e["right"] for e in again.values()) > 6 - len(wrong)
+    # try j of seed s is the plain image of seed candidate_seed(s, j)
+    s = next(s for s in wrong if again[s]["try"] > 0)
+    plain_dir, plain = run("--seeds", str(score.candidate_seed(s, again[s]["try"])))
+    assert _same_file(again_dir / again[s]["file"], plain_dir / next(iter(plain.values()))["file"])
+
+
+def _same_file(a, b) -> bool:
+    return np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
 def test_pick_best_needs_a_classifier(tiny_if_models, tmp_path, capsys):

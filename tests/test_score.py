@@ -135,6 +135,34 @@ def test_rank_puts_the_clearest_candidates_first():
     assert score.rank(model, x, torch.tensor([[1, 0]] * 4), views).argsort(descending=True).tolist() == [2, 0, 3, 1]
 
 
+def test_first_right_remakes_only_the_wrong_ones_and_keeps_the_best_try():
+    class Names:
+        def class_index(self, name):
+            return ["top", "bottom"].index(name)
+
+    c = score.candidate_seed
+    # top brightness per noise seed (positive reads as "top", what every image asks for); others -0.8
+    top = {0: 0.4, 1: -0.9, c(1, 1): 0.2, 2: -0.5, c(2, 1): -0.2, c(2, 2): -0.7}
+    calls = []
+
+    def make(items):
+        calls.append([it["seed"] for it in items])
+        x = top_bright(len(items), brightness=[top.get(it["seed"], -0.8) for it in items])
+        x[:, :, 14:] = 0.0
+        return x
+
+    def judge(images, items):
+        return score.candidate_scores(TopBottom(), Names(), images, [["top"]] * len(images), [score.identity])
+
+    items = [dict(seed=s) for s in range(3)]
+    images, chosen, scores, right = score.first_right(make, judge, items, tries=3)
+    assert calls == [[0, 1, 2], [c(1, 1), c(2, 1)], [c(2, 2)]]  # only the wrong ones again
+    assert [(it["seed"], it["try"]) for it in chosen] == [(0, 0), (1, 1), (2, 1)]  # seed 2: its best try
+    assert right.tolist() == [True, True, False]
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([0.4, 0.2, -0.2])
+    assert c(5, 0) == 5 and len({c(s, j) for s in range(100) for j in range(8)}) == 800
+
+
 # ---- the classifier: training and files ---------------------------------------------------------
 def quadrants(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A toy data set: class k (0..3) has a bright square in quadrant k (uint8, with noise)."""

@@ -225,3 +225,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_root, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     steps = [r["step"] for r in runs.read_metrics(killed) if not r.get("epoch_end")]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # nothing logged twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("classes", [True, False])
+def test_graph_replays_the_eager_step(data_root, tmp_path, classes):
+    weights = {}
+    for graph in (False, True):
+        cfg = loop.TrainConfig(kind="ddpm", classes=classes, root=str(data_root), batch_size=16, subset=64,
+                               graph=graph)
+        cfg.model = loop.make_model_config(cfg, widths=[8, 16, 16])
+        trainer = loop.Trainer(cfg, tmp_path, torch.device("cuda"), quiet=True)
+        losses = [trainer.train_step(*divmod(s, trainer.steps_per_epoch)).item() for s in range(12)]
+        assert (trainer.graph is not None) == graph
+        weights[graph] = (losses, [p.detach().clone() for p in trainer.ema.parameters()])
+    (eager_loss, eager_ema), (graph_loss, graph_ema) = weights[False], weights[True]
+    assert np.allclose(eager_loss, graph_loss, rtol=1e-3)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager_ema, graph_ema))

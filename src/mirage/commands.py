@@ -20,7 +20,7 @@ from .models import is_small, load_model, load_upscaler, resolve_device
 from .outputs import RunDir
 from .sample import validate
 from .schedule import ddim_step, ddpm_step
-from .score import best_first, classifier_for, hybrid_maps, identity
+from .score import candidate_scores, classifier_for, first_right, hybrid_maps, identity
 
 Run = Callable[..., Tensor]  # (model, items, **stage) -> images for those items
 
@@ -38,7 +38,7 @@ class Job:
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 def execute(args, job: Job) -> int:
-    defaults = task_defaults(args.model, is_small(args.model), job.task)
+    defaults = task_defaults(is_small(args.model), job.task)
     stage1 = dict(steps=defaults["steps"] if args.steps is None else args.steps,
                   guidance=defaults["guidance"] if args.guidance is None else args.guidance)
     validate(**stage1)  # settings first: a wrong one is reported before any model is loaded
@@ -49,9 +49,24 @@ def execute(args, job: Job) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory, args.compile)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
-    classifier = _ranker(args, job, model)
+    classifier, tries = _checker(args, job, model, defaults["tries"])
+    ranked = getattr(args, "pick", "none") == "best"
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
-    images = _batched(job.run, model, job.items, args, step=step, progress=not args.quiet, **stage1)
+    def make(items):
+        return _batched(job.run, model, items, args, step=step, progress=not args.quiet, **stage1)
+
+    def judge(images, _items):
+        prompts, maps = job.checks(images.shape[-1])
+        return candidate_scores(classifier, model, images, [prompts] * len(images), maps)
+
+    items = job.items
+    if classifier is None:
+        images = make(items)
+    else:
+        images, items, scores, right = first_right(make, judge, items, tries)
+        if tries > 1 and not right.all() and not args.quiet:
+            print(f"{int((~right).sum())} of {len(items)} image(s) not read as their prompt(s) in {tries} tries: "
+                  f"each keeps its best try (\"right\": false in result.json)", file=sys.stderr)
     stages = [dict(model=args.model, size=model.size, **stage1)]
     upscaler = load_upscaler(args.upscaler, args.model, device, args.memory, args.compile)
     if upscaler is not None:
@@ -59,17 +74,18 @@ def execute(args, job: Job) -> int:
         validate(**stage2)
         getattr(model, "free", lambda: None)()
         low = images
-        images = _batched(job.run, upscaler, job.items, args, low_res=low, noise_level=args.noise_level,
+        images = _batched(job.run, upscaler, items, args, low_res=low, noise_level=args.noise_level,
                           step=step, progress=not args.quiet, **stage2)
         stages.append(dict(model=args.upscaler, size=upscaler.size, noise_level=args.noise_level, **stage2))
-    items = job.items
     if classifier is not None:
-        order, scores = _rank(classifier, model, job, images)
+        order = scores.argsort(descending=True, stable=True) if ranked else torch.arange(len(items))
         images = images[order]
         if upscaler is not None:
             low = low[order]
-        items = [dict(items[k], rank=r + 1, score=round(float(scores[k]), 4)) for r, k in enumerate(order.tolist())]
-    settings = dict(task=job.task, sampler=args.sampler, stages=stages, **job.settings)
+        items = [dict(items[k], score=round(float(scores[k]), 4), right=bool(right[k]),
+                      **({"rank": r + 1} if ranked else {})) for r, k in enumerate(order.tolist())]
+    settings = dict(task=job.task, sampler=args.sampler, stages=stages, **job.settings,
+                    **({"tries": tries} if classifier is not None else {}))
     for k, item in enumerate(items):
         entry = dict(settings, **item)
         name = _name(job.task, item)
@@ -78,7 +94,7 @@ def execute(args, job: Job) -> int:
         entry["file"] = out.save_image(f"{name}.png", images[k], entry)
         out.add(entry)
     if job.sheet is not None:
-        shown = 1 if classifier is not None else len(items)  # picked: the best large, the rest small below
+        shown = 1 if ranked else len(items)  # ranked: the best large, the rest small below
         sheet = job.sheet(images[:shown], items[:shown], job)
         save_sheet(out, sheet if shown == len(items) else _with_rest(sheet, images[shown:], items[shown:]),
                    "sheet.png")
@@ -92,29 +108,39 @@ def execute(args, job: Job) -> int:
     return 0
 
 
-# ---- --pick best: candidates ranked by the built-in model's classifier --------------------------------
+# ---- --pick and --tries: the built-in model's classifier checks its candidates ----------------------------
 def pick_args(p) -> None:
     p.add_argument("--pick", choices=("none", "best"), default="none",
                    help="best: rank all --n candidates with the built-in model's classifier (mirage score) and "
                         "list them best first; the sheet shows the best large and the rest small")
+    p.add_argument("--tries", type=int, default=None,
+                   help="make each image up to N times (new noise each time) until the built-in model's "
+                        "classifier reads it as its prompt(s): every view, both hybrid halves; else keep its "
+                        "best try (default: 3 for built-in samples of a class, else 1)")
 
 
-def _ranker(args, job: Job, model):
-    """The classifier that ranks this job's images, or None without --pick best; checked before any work."""
-    if getattr(args, "pick", "none") != "best":
-        return None
-    classifier = classifier_for(model)
+def _checker(args, job: Job, model, default_tries: int):
+    """(classifier, tries): the classifier that checks this job's images, None where none does, and the tries
+    each image gets. Asked for (--pick best, --tries N), it must exist, or the job stops here before any
+    work; the default tries apply only where it can check every prompt."""
+    tries = getattr(args, "tries", None)
+    if tries is not None and tries < 1:
+        raise UsageError(f"--tries must be at least 1, got {tries}")
+    asked = [f for f, on in (("--pick best", getattr(args, "pick", "none") == "best"),
+                             ("--tries", tries not in (None, 1))) if on]
+    classifier = classifier_for(model) if asked or default_tries > 1 else None
+    prompts = job.checks(model.size)[0] if job.checks is not None else []
+    if not asked:
+        usable = classifier is not None and job.checks is not None and all(p.strip() for p in prompts)
+        return (classifier, default_tries) if usable and tries is None else (None, 1)
     if classifier is None:
-        raise UsageError(f"--pick best ranks with a built-in model's classifier, and {args.model} has none: "
-                         f"drop --pick, or use --model fashion or digits")
+        raise UsageError(f"{asked[0]} checks images with a built-in model's classifier, and {args.model} has "
+                         f"none: drop it, or use --model fashion or digits")
     if job.checks is None:
-        raise UsageError(f"--pick best cannot rank this {job.task}: only samples, anagrams and low/high hybrids")
-    return classifier
-
-
-def _rank(classifier, model, job: Job, images: Tensor):
-    prompts, maps = job.checks(images.shape[-1])
-    return best_first(classifier, model, images, [prompts] * len(images), maps)
+        raise UsageError(f"{asked[0]} cannot check this {job.task}: only samples, anagrams and low/high hybrids")
+    if not all(p.strip() for p in prompts):
+        raise UsageError(f"{asked[0]} checks images against class names: give every prompt a class, not \"\"")
+    return classifier, tries or default_tries
 
 
 def _with_rest(sheet, images: Tensor, items: list[dict]):
@@ -134,7 +160,8 @@ def _with_rest(sheet, images: Tensor, items: list[dict]):
 
 
 def _name(task: str, item: dict) -> str:
-    extra = "".join(f"-{k}{v}" for k, v in item.items() if k != "seed" and isinstance(v, int))
+    extra = "".join(f"-{k}{v}" for k, v in item.items()  # the rank, not the try or whether it is right
+                    if k not in ("seed", "try") and isinstance(v, int) and not isinstance(v, bool))
     return f"{task}-seed{item['seed']}{extra}"
 
 

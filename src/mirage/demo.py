@@ -224,9 +224,10 @@ def _best(d: Demo, images: Tensor, labels: list[list[str]], maps) -> tuple[Tenso
     """Candidates best first by the built-in classifier's score (seed order where there is none)."""
     if d.classifier is None or not d.plan.classes:
         return torch.arange(len(images)), "in seed order (no classifier to rank them with this model)"
-    from .score import best_first
+    from .score import candidate_scores
 
-    return best_first(d.classifier, d.model, images, labels, maps)[0], "best first by the built-in classifier's score"
+    scores = candidate_scores(d.classifier, d.model, images, labels, maps)[0]
+    return scores.argsort(descending=True, stable=True), "best first by the built-in classifier's score"
 
 
 def _candidate_sheet(d: Demo, file: str, c: "Picked", title: str) -> Figure:

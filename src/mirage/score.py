@@ -136,9 +136,16 @@ def rank(classifier: nn.Module, images: Tensor, labels: Tensor, views: Sequence 
 
 def rank_maps(classifier: nn.Module, images: Tensor, labels: Tensor, maps: Sequence[Filter]) -> Tensor:
     """`rank` for any maps of the image (views, blurs)."""
+    return _map_log_probs(classifier, images, labels, maps)[0].mean(1)
+
+
+def _map_log_probs(classifier: nn.Module, images: Tensor, labels: Tensor, maps: Sequence[Filter]):
+    """([N, V] log-probability of labels[:, i] in map i, [N, V] whether it is the classifier's choice there)."""
     labels = labels.to(torch.long).reshape(len(images), len(maps))
-    per_view = [log_probs(classifier, m(images)).gather(1, labels[:, i:i + 1])[:, 0] for i, m in enumerate(maps)]
-    return torch.stack(per_view, 1).mean(1)
+    per_map = [log_probs(classifier, m(images)) for m in maps]
+    chosen = torch.stack([lp.gather(1, labels[:, i:i + 1])[:, 0] for i, lp in enumerate(per_map)], 1)
+    right = torch.stack([lp.argmax(1) for lp in per_map], 1) == labels
+    return chosen, right
 
 
 def classifier_for(model) -> nn.Module | None:
@@ -150,13 +157,44 @@ def classifier_for(model) -> nn.Module | None:
     return None
 
 
-def best_first(classifier: nn.Module, model, images: Tensor, prompts: Sequence[Sequence[str]],
-               maps: Sequence[Filter]) -> tuple[Tensor, Tensor]:
-    """(order, scores): candidates best first by `rank_maps`; prompts[k][i] is what maps[i] of image k
-    should show, given as the model's class names."""
+def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequence[Sequence[str]],
+                     maps: Sequence[Filter]) -> tuple[Tensor, Tensor]:
+    """(score, right) per candidate: `rank_maps`'s score and whether the classifier reads every map as its
+    prompt; prompts[k][i] is what maps[i] of image k should show, given as the model's class names."""
     labels = torch.tensor([[model.class_index(p) for p in row] for row in prompts])
-    scores = rank_maps(classifier, images, labels, maps)
-    return scores.argsort(descending=True, stable=True), scores
+    chosen, right = _map_log_probs(classifier, images, labels, maps)
+    return chosen.mean(1), right.all(1)
+
+
+def candidate_seed(seed: int, j: int) -> int:
+    """The noise seed of try j of the image with seed `seed` (`--tries`): the seed itself first, then steps
+    of 2**32 / golden ratio, far from the small seeds people pick. Modulo 2**32: torch's CPU generator, which
+    draws every image's noise, reads only a seed's low 32 bits."""
+    return (seed + j * 0x9E3779B9) % 2**32
+
+
+def first_right(make: Callable, judge: Callable, items: list[dict], tries: int):
+    """Rejection sampling: each item's first try (seeds `candidate_seed(seed, 0..tries-1)`) that `judge`
+    reads right, or its best-scoring try where none is. It keeps the model's own variety, where ranking
+    candidates keeps the most typical ones. Only the items still wrong are made again.
+    make(items) -> images; judge(images, items) -> (scores, right). Returns (images, items with `try`,
+    scores, right)."""
+    images = make(items)
+    scores, right = judge(images, items)
+    chosen = [dict(item, **{"try": 0}) for item in items]
+    for j in range(1, tries):
+        todo = (~right).nonzero()[:, 0]
+        if len(todo) == 0:
+            break
+        again = [dict(chosen[k], seed=candidate_seed(items[k]["seed"], j)) for k in todo.tolist()]
+        new = make(again)
+        new_scores, new_right = judge(new, again)
+        take = new_right | (new_scores > scores[todo])
+        for i in take.nonzero()[:, 0].tolist():
+            k = int(todo[i])
+            images[k], scores[k], right[k] = new[i], new_scores[i], new_right[i]
+            chosen[k] = dict(items[k], **{"try": j})
+    return images, chosen, scores, right
 
 
 # ---- classifiers --------------------------------------------------------------------------------

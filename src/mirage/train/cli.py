@@ -64,6 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     o.add_argument("--channels-last", action="store_true", help="channels-last activations (faster on some GPUs)")
+    o.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="on CUDA, launch every step's kernels instead of replaying a CUDA graph of the step")
     a = p.add_argument_group("architecture")
     a.add_argument("--arch", choices=("default", "course"), default="default",
                    help="the course's UNet (D=64, BatchNorm, t/T input, 2 modulated layers) or mirage's "
@@ -78,7 +80,7 @@ def _train_config(args, kind: str, **extra):
     cfg = TrainConfig(kind=kind, data=args.data, root=args.root, epochs=args.epochs or args.epochs_default,
                       batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, ema=args.ema,
                       seed=args.seed, subset=args.subset, every=args.every, checkpoint_every=args.checkpoint_every,
-                      compile=args.compile, channels_last=args.channels_last, **extra)
+                      compile=args.compile, channels_last=args.channels_last, graph=args.graph, **extra)
     overrides = {}
     if args.widths:
         try:

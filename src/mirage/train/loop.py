@@ -24,6 +24,7 @@ from .data import CLASS_NAMES, canonical, load_dataset
 from .unet import UNet, model_config
 
 DENOISER_SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
+GRAPH_WARMUP = 3  # eager steps before the capture (cuDNN's algorithm search, torch.compile)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     checkpoint_every: float = 120.0  # seconds between checkpoints within an epoch
     log_every: int = 25
     compile: bool = False
+    graph: bool = True  # on CUDA, replay the training step from a CUDA graph after GRAPH_WARMUP eager steps
     channels_last: bool = False  # memory layout of the convolutions' activations (CUDA)
     model: dict = field(default_factory=dict)
 
@@ -71,32 +73,38 @@ def make_model_config(cfg: TrainConfig, preset: str = "default", schedule: str =
 
 
 # ---- one step of each objective ---------------------------------------------------------------------
-def ddpm_loss(net, x0: Tensor, labels: Tensor | None, alphas_cumprod: Tensor, p_uncond: float,
-              gen: torch.Generator) -> Tensor:
-    """||eps - eps_theta(x_t, t, c)||^2 with t uniform and the class dropped to null with p_uncond."""
-    n, T = x0.shape[0], len(alphas_cumprod)
+# Each objective is split in two: its random draws, made eagerly from a generator seeded by the step, and
+# its loss, a pure function of the draws: the part that a CUDA graph replays.
+def ddpm_draws(x0: Tensor, labels: Tensor | None, T: int, p_uncond: float, gen: torch.Generator):
+    """(t uniform in [0, T), eps, labels with the class dropped to null (-1) with probability p_uncond)."""
+    n = x0.shape[0]
     t = torch.randint(0, T, (n,), device=x0.device, generator=gen)
     eps = torch.randn(x0.shape, device=x0.device, generator=gen)
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     if labels is not None:
         drop = torch.rand(n, device=x0.device, generator=gen) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, -1), labels)
+    return t, eps, labels
+
+
+def ddpm_loss(net, x0: Tensor, labels: Tensor | None, t: Tensor, eps: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """||eps - eps_theta(x_t, t, c)||^2."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     with _autocast(x0.device):
-        pred = net(x_t, t.float() / T, labels)
+        pred = net(x_t, t.float() / len(alphas_cumprod), labels)
     return F.mse_loss(pred.float(), eps)
 
 
-def denoiser_loss(net, x: Tensor, sigma: float, gen: torch.Generator) -> Tensor:
+def denoiser_loss(net, x: Tensor, eps: Tensor, sigma: float) -> Tensor:
     """The course's one-step denoiser: ||D(x + sigma eps) - x||^2, images in [0, 1]."""
-    z = x + sigma * torch.randn(x.shape, device=x.device, generator=gen)
     with _autocast(x.device):
-        pred = net(z)
+        pred = net(x + sigma * eps)
     return F.mse_loss(pred.float(), x)
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # no cast cache: it would hold bf16 weight copies made during a graph capture
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
 def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
@@ -127,14 +135,19 @@ class Trainer:
         if cfg.channels_last:  # in place: the optimizer below sees the same parameters either way
             self.net.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
-        fused = device.type == "cuda"
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=fused or None)
+        # learning rate and EMA rate are tensors that each step refills, so a captured step reads them anew
+        self.lr = torch.tensor(cfg.lr, device=device)
+        self.ema_rate = torch.zeros((), device=device)
+        cuda = device.type == "cuda"
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, fused=cuda or None, capturable=cuda)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         if cfg.kind == "ddpm":
             self.alphas_cumprod = Schedule.from_config(cfg.model["schedule"]).alphas_cumprod.to(device)
         self.gen = torch.Generator(device)
         self.step = 0
         self._perm, self._perm_epoch = None, None  # this epoch's order of the data
+        self.graph = None  # the captured update, once warm (cfg.graph, CUDA only)
+        self.eager_steps = 0
 
     # -- state -----------------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -147,6 +160,8 @@ class Trainer:
         except RuntimeError:
             raise MirageError(f"{self.run / runs.STATE} does not fit the model in its config.json") from None
         runs.restore_optimizer(self.opt, state["optim"], state["optim_meta"])
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr  # the checkpoint holds it as a number
         self.step = state["step"]
         runs.rewrite_metrics(self.run, runs.read_metrics(self.run, upto_step=self.step))
         return True
@@ -168,29 +183,73 @@ class Trainer:
     def train_step(self, epoch: int, index: int) -> Tensor:
         cfg = self.cfg
         self.gen.manual_seed(cfg.seed * 1_000_003 + self.step)
-        images, labels = self.batch(epoch, index)
-        for g in self.opt.param_groups:
-            g["lr"] = learning_rate(cfg, self.step, self.total)
-        if cfg.kind == "ddpm":
-            x = images.float() / 127.5 - 1
-            loss = ddpm_loss(self.forward, x, labels if cfg.classes else None, self.alphas_cumprod,
-                             cfg.p_uncond, self.gen)
+        inputs = self.draws(*self.batch(epoch, index))
+        self.lr.fill_(learning_rate(cfg, self.step, self.total))
+        self.ema_rate.fill_(1 - min(cfg.ema, (1 + self.step) / (10 + self.step)))  # follow closely at first
+        if self.graph is not None:
+            for static, x in zip(self.static_inputs, inputs):
+                if x is not None:  # None: no labels (an unconditional model)
+                    static.copy_(x)
+            self.graph.replay()
+            loss = self.static_loss
+        elif cfg.graph and self.device.type == "cuda" and self.eager_steps >= GRAPH_WARMUP:
+            loss = self._capture(inputs)
         else:
-            loss = denoiser_loss(self.forward, images.float() / 255, cfg.sigma, self.gen)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self._update_ema()
+            loss = self._warm(inputs) if self.device.type == "cuda" else self.update(*inputs)
+            self.eager_steps += 1
         self.step += 1
         return loss.detach()
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))  # follow closely at first
-        ema_p, net_p = list(self.ema.parameters()), list(self.net.parameters())
-        torch._foreach_lerp_(ema_p, net_p, 1 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
-            b_ema.copy_(b)
+    def draws(self, images: Tensor, labels: Tensor) -> tuple:
+        """The update's inputs for one batch: the images in the objective's range and its random draws."""
+        if self.cfg.kind == "denoiser":
+            x = images.float() / 255
+            return x, torch.randn(x.shape, device=x.device, generator=self.gen)
+        x = images.float() / 127.5 - 1
+        t, eps, labels = ddpm_draws(x, labels if self.cfg.classes else None, len(self.alphas_cumprod),
+                                    self.cfg.p_uncond, self.gen)
+        return x, t, eps, labels
+
+    def update(self, *inputs) -> Tensor:
+        """One optimizer step from `draws`' output: loss, gradients, Adam, EMA. No host sync, no randomness."""
+        if self.cfg.kind == "denoiser":
+            loss = denoiser_loss(self.forward, *inputs, self.cfg.sigma)
+        else:
+            x, t, eps, labels = inputs
+            loss = ddpm_loss(self.forward, x, labels, t, eps, self.alphas_cumprod)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            # ema += rate * (net - ema), spelled out: lerp would read the rate tensor back to the host
+            ema, net = list(self.ema.parameters()), list(self.net.parameters())
+            delta = torch._foreach_sub(net, ema)
+            torch._foreach_mul_(delta, self.ema_rate)
+            torch._foreach_add_(ema, delta)
+            for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
+                b_ema.copy_(b)
+        return loss
+
+    # -- CUDA graph: the UNet is small, so an eager step is mostly kernel launches ------------------------
+    def _warm(self, inputs: tuple) -> Tensor:
+        """An eager step on a side stream, as graph capture wants its first steps (lazy initializations)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            loss = self.update(*inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return loss
+
+    def _capture(self, inputs: tuple) -> Tensor:
+        """Record `update` on static copies of its inputs, then run it: every later step is one replay."""
+        self.static_inputs = [None if x is None else x.clone() for x in inputs]
+        self.opt.zero_grad(set_to_none=True)  # the gradients are then allocated in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_loss = self.update(*self.static_inputs)
+        graph.replay()  # capturing records the step without running it
+        self.graph = graph
+        return self.static_loss
 
     def fit(self) -> int:
         from tqdm import tqdm
@@ -218,7 +277,7 @@ class Trainer:
                     print(f"mirage train: loss became {loss} at step {self.step}; stopped: {kept}", file=sys.stderr)
                     return 1
                 runs.append_metrics(self.run, {"step": self.step, "loss": loss, "img_per_s": round(rate),
-                                               "lr": self.opt.param_groups[0]["lr"]})
+                                               "lr": learning_rate(cfg, self.step - 1, self.total)})
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}", refresh=False)
                 bar.update(self.step - bar.n)
                 loss_sum, n_sum = torch.zeros((), device=self.device), 0

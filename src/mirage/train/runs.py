@@ -98,7 +98,8 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tenso
     sd = optimizer.state_dict()
     tensors = {f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for i, s in sd["state"].items()
                for k, v in s.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}  # a tensor learning rate is stored as its value
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
