@@ -192,11 +192,13 @@ class Trainer:
                     static.copy_(x)
             self.graph.replay()
             loss = self.static_loss
-        elif cfg.graph and self.device.type == "cuda" and self.eager_steps >= GRAPH_WARMUP:
-            loss = self._capture(inputs)
-        else:
-            loss = self._warm(inputs) if self.device.type == "cuda" else self.update(*inputs)
+        elif not (cfg.graph and self.device.type == "cuda"):
+            loss = self.update(*inputs)
+        elif self.eager_steps < GRAPH_WARMUP:
+            loss = self._warm(inputs)
             self.eager_steps += 1
+        else:
+            loss = self._capture(inputs)
         self.step += 1
         return loss.detach()
 
