@@ -32,7 +32,8 @@ def chunked(fn, prompts: list, seeds: list[int], chunk: int) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps, pick: str = "best") -> torch.Tensor:
+def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps, pick: str = "best",
+            min_prob: float = 0.0) -> torch.Tensor:
     """One image per entry of prompts, made from K candidates and checked by the ranking classifier: "best"
     makes all K (seeds k*K .. k*K+K-1) and keeps the best, as `--pick best` over `--n K`; "first" keeps
     the first of K tries read right, as `--tries K`. The judges then score only the chosen images."""
@@ -45,7 +46,7 @@ def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps,
                            [it["seed"] for it in items], chunk)
 
         def judge(images, items):
-            return score.candidate_scores(ranker, model, images, [it["prompts"] for it in items], maps)
+            return score.candidate_scores(ranker, model, images, [it["prompts"] for it in items], maps, min_prob)
 
         return score.first_right(make, judge, items, k)[0]
     wide = [[p for p in ps for _ in range(k)] for ps in prompts]
@@ -58,12 +59,13 @@ def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps,
 
 def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
              chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
-             resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step, pick: str = "best") -> dict:
+             resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step, pick: str = "best",
+             min_prob: float = 0.0) -> dict:
     """Scores by each judge (name: classifier) of images made for `task`, each the best of `candidates` by
     `ranker`: {judge name: scores}."""
     names = model.class_names
     kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample, step=step)
-    pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model, pick=pick)
+    pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model, pick=pick, min_prob=min_prob)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
         images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
@@ -100,6 +102,8 @@ def main() -> None:
                    help="one of K candidates, chosen by the shipped classifier (as --pick), then judged")
     p.add_argument("--pick", nargs="+", choices=("best", "first"), default=["best"],
                    help="best of K made at once (--pick best), or the first of K tries read right (--tries K)")
+    p.add_argument("--min-prob", type=float, nargs="+", default=[0.0],
+                   help="with --pick first: read right also needs this probability of the prompt in every map")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="for the samples")
     p.add_argument("--illusion-guidance", type=float, nargs="+", default=[3.0], help="for anagrams and hybrids")
@@ -122,22 +126,25 @@ def main() -> None:
         model = load_model(ref, torch.device(args.device))
         judges = {str(c): score.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
         ranker = score.classifier_for(model)
-        for (task, g, extra), (k, pick), (sampler, step) in itertools.product(
+        for (task, g, extra), (k, pick, min_prob), (sampler, step) in itertools.product(
                 settings(args), choices(args), samplers(args.eta)):
             t0 = time.time()
             results = evaluate(model, judges, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
-                               resample=args.resample, candidates=k, ranker=ranker, step=step, pick=pick, **extra)
+                               resample=args.resample, candidates=k, ranker=ranker, step=step, pick=pick,
+                               min_prob=min_prob, **extra)
             for judge, result in results.items():
                 row = dict(model=ref, judge=judge, task=task, sampler=sampler, steps=args.steps,
-                           resample=args.resample, guidance=g, candidates=k, pick=pick, **extra, **result,
+                           resample=args.resample, guidance=g, candidates=k, pick=pick, min_prob=min_prob,
+                           **extra, **result,
                            seconds=round(time.time() - t0, 1))
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
 
 
 def choices(args):
-    """(K, pick rule) pairs; one candidate needs no rule."""
-    return [(k, pick) for k in args.candidates for pick in (["-"] if k == 1 else args.pick)]
+    """(K, pick rule, min_prob) triples; one candidate needs no rule, and only "first" reads min_prob."""
+    rules = [(pick, p) for pick in args.pick for p in (args.min_prob if pick == "first" else [0.0])]
+    return [(k, *rule) for k in args.candidates for rule in ([("-", 0.0)] if k == 1 else rules)]
 
 
 def samplers(etas: list[float] | None):

@@ -122,7 +122,8 @@ def test_builtin_defaults_are_per_task_and_recorded(tmp_path):
     assert main(["sample", "--prompt", "bag", "--n", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
     entry = _result(tmp_path / "s")["images"][0]
     stage = entry["stages"][0]
-    assert (stage["steps"], stage["guidance"], stage["guidance_interval"], entry["tries"]) == (100, 1.5, [150, 850], 3)
+    assert (stage["steps"], stage["guidance"], stage["guidance_interval"]) == (100, 1.5, [150, 850])
+    assert (entry["tries"], entry["confidence"]) == (3, 0.5)
     assert all("right" in e and "try" in e for e in _result(tmp_path / "s")["images"])
     assert main(["sample", "--prompt", "bag", "--steps", "3", "--guidance-interval", "none",
                  "--out", str(tmp_path / "n"), "--quiet"]) == 0
@@ -141,6 +142,9 @@ def test_default_tries_only_where_the_classifier_can_check(tmp_path, capsys):
     assert "not \"\"" in capsys.readouterr().err
     assert main(["sample", "--prompt", "bag", "--tries", "0", "--out", str(tmp_path / "w"), "--quiet"]) == 2
     assert "at least 1" in capsys.readouterr().err
+    assert main(["sample", "--prompt", "bag", "--confidence", "1", "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "probability below 1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def test_out_that_is_a_file(tmp_path, capsys):

@@ -163,6 +163,21 @@ def test_first_right_remakes_only_the_wrong_ones_and_keeps_the_best_try():
     assert c(5, 0) == 5 and len({c(s, j) for s in range(100) for j in range(8)}) == 800
 
 
+def test_candidates_read_right_only_as_surely_as_asked():
+    class Names:
+        def class_index(self, name):
+            return ["top", "bottom"].index(name)
+
+    x = top_bright(4, brightness=[0.02, 0.3, 1.0, -0.5])
+    x[:, :, 14:] = 0.0
+    scores, right = score.candidate_scores(TopBottom(), Names(), x, [["top"]] * 4, [score.identity])
+    p_top = scores.exp()
+    assert right.tolist() == [True, True, True, False] and 0.5 < p_top[0] < 0.9 < p_top[2]
+    for min_prob in (0.5, 0.9, 0.99):
+        sure = score.candidate_scores(TopBottom(), Names(), x, [["top"]] * 4, [score.identity], min_prob)[1]
+        assert sure.tolist() == (right & (p_top >= min_prob)).tolist()
+
+
 # ---- the classifier: training and files ---------------------------------------------------------
 def quadrants(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A toy data set: class k (0..3) has a bright square in quadrant k (uint8, with noise)."""

@@ -9,20 +9,22 @@ from typing import Callable, Sequence
 
 from .errors import MirageError, UsageError
 
-IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1)  # IFPipeline's own defaults
+IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5)  # IFPipeline's own
 # built-ins, per task where "<setting>_<task>" is given (measured in builtin/README.md): samples guided only at
 # timesteps 150-850 keep both class accuracy and diversity (Frechet distance), and each is remade (up to 3
-# tries) where the classifier does not read it as its class; illusions need more guidance.
-SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=1,
+# tries) where the classifier is not at least 50 % sure of its class; illusions need more guidance, and their
+# tries (--tries) a surer classifier (90 %: an independent classifier then agrees far more often).
+SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=1, confidence=0.9,
                       steps_sample=100, guidance_sample=1.5, guidance_interval_sample=(150, 850), tries_sample=3,
-                      guidance_anagram=7.0, guidance_hybrid=5.0)
+                      confidence_sample=0.5, guidance_anagram=7.0, guidance_hybrid=5.0)
 
 
 def task_defaults(small: bool, task: str) -> dict:
-    """steps, guidance, guidance interval and tries for one task: the task's own where given, then the
-    general ones."""
+    """steps, guidance, guidance interval, tries and confidence for one task: the task's own where given,
+    then the general ones."""
     defaults = SMALL_DEFAULTS if small else IF_DEFAULTS
-    return {k: defaults.get(f"{k}_{task}", defaults[k]) for k in ("steps", "guidance", "guidance_interval", "tries")}
+    keys = ("steps", "guidance", "guidance_interval", "tries", "confidence")
+    return {k: defaults.get(f"{k}_{task}", defaults[k]) for k in keys}
 
 
 # ---- argument helpers ---------------------------------------------------------------------------

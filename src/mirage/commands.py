@@ -46,18 +46,22 @@ def execute(args, job: Job) -> int:
                 else parse_interval(args.guidance_interval))
     if interval is not None:
         stage1["guidance_interval"] = interval
+    confidence = defaults["confidence"] if getattr(args, "confidence", None) is None else args.confidence
+    if not 0 <= confidence < 1:
+        raise UsageError(f"--confidence is a probability below 1, got {confidence}")
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory, args.compile)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     classifier, tries = _checker(args, job, model, defaults["tries"])
     ranked = getattr(args, "pick", "none") == "best"
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
+
     def make(items):
         return _batched(job.run, model, items, args, step=step, progress=not args.quiet, **stage1)
 
     def judge(images, _items):
         prompts, maps = job.checks(images.shape[-1])
-        return candidate_scores(classifier, model, images, [prompts] * len(images), maps)
+        return candidate_scores(classifier, model, images, [prompts] * len(images), maps, confidence)
 
     items = job.items
     if classifier is None:
@@ -65,7 +69,8 @@ def execute(args, job: Job) -> int:
     else:
         images, items, scores, right = first_right(make, judge, items, tries)
         if tries > 1 and not right.all() and not args.quiet:
-            print(f"{int((~right).sum())} of {len(items)} image(s) not read as their prompt(s) in {tries} tries: "
+            print(f"{int((~right).sum())} of {len(items)} image(s) not read as their prompt(s) with "
+                  f"{confidence:.0%} confidence in {tries} tries: "
                   f"each keeps its best try (\"right\": false in result.json)", file=sys.stderr)
     stages = [dict(model=args.model, size=model.size, **stage1)]
     upscaler = load_upscaler(args.upscaler, args.model, device, args.memory, args.compile)
@@ -85,7 +90,7 @@ def execute(args, job: Job) -> int:
         items = [dict(items[k], score=round(float(scores[k]), 4), right=bool(right[k]),
                       **({"rank": r + 1} if ranked else {})) for r, k in enumerate(order.tolist())]
     settings = dict(task=job.task, sampler=args.sampler, stages=stages, **job.settings,
-                    **({"tries": tries} if classifier is not None else {}))
+                    **(dict(tries=tries, confidence=confidence) if classifier is not None else {}))
     for k, item in enumerate(items):
         entry = dict(settings, **item)
         name = _name(job.task, item)
@@ -117,6 +122,9 @@ def pick_args(p) -> None:
                    help="make each image up to N times (new noise each time) until the built-in model's "
                         "classifier reads it as its prompt(s): every view, both hybrid halves; else keep its "
                         "best try (default: 3 for built-in samples of a class, else 1)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="how sure the classifier must be of each prompt for an image to pass (default 0.5 for "
+                        "samples, 0.9 for illusions, whose views are far from what it was trained on)")
 
 
 def _checker(args, job: Job, model, default_tries: int):

@@ -5,6 +5,7 @@ a hybrid shows its prompt, and a score to rank candidates by. `mirage score RUN_
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -158,12 +159,14 @@ def classifier_for(model) -> nn.Module | None:
 
 
 def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequence[Sequence[str]],
-                     maps: Sequence[Filter]) -> tuple[Tensor, Tensor]:
+                     maps: Sequence[Filter], min_prob: float = 0.0) -> tuple[Tensor, Tensor]:
     """(score, right) per candidate: `rank_maps`'s score and whether the classifier reads every map as its
-    prompt; prompts[k][i] is what maps[i] of image k should show, given as the model's class names."""
+    prompt, with at least `min_prob`; prompts[k][i] is what maps[i] of image k should show, given as the
+    model's class names."""
     labels = torch.tensor([[model.class_index(p) for p in row] for row in prompts])
     chosen, right = _map_log_probs(classifier, images, labels, maps)
-    return chosen.mean(1), right.all(1)
+    sure = chosen >= math.log(min_prob) if min_prob > 0 else torch.ones_like(right)
+    return chosen.mean(1), (right & sure).all(1)
 
 
 def candidate_seed(seed: int, j: int) -> int:
