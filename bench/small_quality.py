@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="for the samples")
     p.add_argument("--illusion-guidance", type=float, nargs="+", default=[3.0], help="for anagrams and hybrids")
     p.add_argument("--interval", nargs="+", default=["none"],
-                   help="guidance intervals for the samples: none or LO-HI (timesteps), e.g. none 150-750")
+                   help="guidance intervals (all tasks): none or LO-HI (timesteps), e.g. none 150-750")
     p.add_argument("--hybrid-sigma", type=float, nargs="+", default=[SIGMA], help="low/high split (at 64 px)")
     p.add_argument("--reduce", nargs="+", default=["mean"], help="anagram reductions: mean, alternate")
     p.add_argument("--eta", type=float, nargs="+", default=None,
@@ -157,14 +157,14 @@ def samplers(etas: list[float] | None):
 def settings(args):
     """(task, guidance, extra options) for every measurement asked for."""
     intervals = [None if i == "none" else tuple(int(t) for t in i.split("-")) for i in args.interval]
-    for task in args.only:
+    for task, i in itertools.product(args.only, intervals):
         for g in args.guidance if task == "samples" else args.illusion_guidance:
             if task == "samples":
-                yield from ((task, g, dict(interval=i)) for i in intervals)
+                yield task, g, dict(interval=i)
             elif task == "hybrids":
-                yield from ((task, g, dict(sigma=s)) for s in args.hybrid_sigma)
+                yield from ((task, g, dict(interval=i, sigma=s)) for s in args.hybrid_sigma)
             else:
-                yield from ((task, g, dict(reduce=r)) for r in args.reduce)
+                yield from ((task, g, dict(interval=i, reduce=r)) for r in args.reduce)
 
 
 if __name__ == "__main__":
