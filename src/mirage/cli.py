@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 
 from .errors import MirageError, UsageError
 
-IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5)  # IFPipeline's own
+# IFPipeline's own; no classifier checks IF images, so one try (confidence is then unused)
+IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5)
 # built-ins, per task where "<setting>_<task>" is given (measured in builtin/README.md): samples guided only at
 # timesteps 150-850 keep both class accuracy and diversity (Frechet distance), and each is remade (up to 3
 # tries) where the classifier is not at least 50 % sure of its class; illusions need more guidance, and their

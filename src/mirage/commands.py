@@ -52,8 +52,8 @@ def execute(args, job: Job) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory, args.compile)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
-    classifier, tries = _checker(args, job, model, defaults["tries"])
     ranked = getattr(args, "pick", "none") == "best"
+    classifier, tries = _checker(args, job, model, ranked, defaults["tries"])
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
 
     def make(items):
@@ -127,20 +127,20 @@ def pick_args(p) -> None:
                         "samples, 0.9 for illusions, whose views are far from what it was trained on)")
 
 
-def _checker(args, job: Job, model, default_tries: int):
+def _checker(args, job: Job, model, ranked: bool, default_tries: int):
     """(classifier, tries): the classifier that checks this job's images, None where none does, and the tries
     each image gets. Asked for (--pick best, --tries N), it must exist, or the job stops here before any
     work; the default tries apply only where it can check every prompt."""
     tries = getattr(args, "tries", None)
     if tries is not None and tries < 1:
         raise UsageError(f"--tries must be at least 1, got {tries}")
-    asked = [f for f, on in (("--pick best", getattr(args, "pick", "none") == "best"),
-                             ("--tries", tries not in (None, 1))) if on]
-    classifier = classifier_for(model) if asked or default_tries > 1 else None
+    asked = [f for f, on in (("--pick best", ranked), ("--tries", tries not in (None, 1))) if on]
     prompts = job.checks(model.size)[0] if job.checks is not None else []
     if not asked:
-        usable = classifier is not None and job.checks is not None and all(p.strip() for p in prompts)
-        return (classifier, default_tries) if usable and tries is None else (None, 1)
+        wanted = tries is None and default_tries > 1 and job.checks is not None and all(p.strip() for p in prompts)
+        classifier = classifier_for(model) if wanted else None
+        return (classifier, default_tries) if classifier is not None else (None, 1)
+    classifier = classifier_for(model)
     if classifier is None:
         raise UsageError(f"{asked[0]} checks images with a built-in model's classifier, and {args.model} has "
                          f"none: drop it, or use --model fashion or digits")

@@ -5,7 +5,6 @@ a hybrid shows its prompt, and a score to rank candidates by. `mirage score RUN_
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -165,8 +164,7 @@ def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequ
     model's class names."""
     labels = torch.tensor([[model.class_index(p) for p in row] for row in prompts])
     chosen, right = _map_log_probs(classifier, images, labels, maps)
-    sure = chosen >= math.log(min_prob) if min_prob > 0 else torch.ones_like(right)
-    return chosen.mean(1), (right & sure).all(1)
+    return chosen.mean(1), (right & (chosen.exp() >= min_prob)).all(1)
 
 
 def candidate_seed(seed: int, j: int) -> int:
@@ -189,7 +187,7 @@ def first_right(make: Callable, judge: Callable, items: list[dict], tries: int):
         todo = (~right).nonzero()[:, 0]
         if len(todo) == 0:
             break
-        again = [dict(chosen[k], seed=candidate_seed(items[k]["seed"], j)) for k in todo.tolist()]
+        again = [dict(items[k], seed=candidate_seed(items[k]["seed"], j)) for k in todo.tolist()]
         new = make(again)
         new_scores, new_right = judge(new, again)
         take = new_right | (new_scores > scores[todo])
