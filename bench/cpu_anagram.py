@@ -7,15 +7,19 @@ and per guidance branch).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from mirage import tasks
+from mirage.guide import for_task
+from mirage.score import guide_for
 from mirage.combine import cfg
 from mirage.models import load_model
 from mirage.views import make_view
@@ -23,10 +27,10 @@ from mirage.views import make_view
 PROMPTS = ["t-shirt", "trouser"]
 
 
-def engine(model, steps: int, guidance: float) -> float:
+def engine(model, steps: int, guidance: float, guide=None) -> float:
     views = [make_view("identity"), make_view("flip")]
     t0 = time.perf_counter()
-    tasks.anagram(model, PROMPTS, views, [0], steps=steps, guidance=guidance)
+    tasks.anagram(model, PROMPTS, views, [0], steps=steps, guidance=guidance, guide=guide)
     return time.perf_counter() - t0
 
 
@@ -62,20 +66,26 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     model = load_model(args.model, torch.device("cpu"))
-    engine(model, args.steps, args.guidance)  # warm-up
-    times = [engine(model, args.steps, args.guidance) for _ in range(args.repeats)]
-    print(f"mirage engine, 2-view anagram, {args.steps} steps, batch 4 per step: "
-          f"median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
+    for guide in (None, for_task(guide_for(model), "anagram")):
+        engine(model, args.steps, args.guidance, guide)  # warm-up
+        times = [engine(model, args.steps, args.guidance, guide) for _ in range(args.repeats)]
+        how = "" if guide is None else f", classifier guidance {guide.scale:g}"
+        print(f"mirage engine, 2-view anagram, {args.steps} steps, batch 4 per step{how}: "
+              f"median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "mirage.cli", "anagram", "--model", args.model, "--prompt", PROMPTS[0],
-               "--prompt", PROMPTS[1], "--steps", str(args.steps), "--out", f"{tmp}/a", "--quiet"]
-        walls = []
-        for k in range(3):
-            t0 = time.perf_counter()
-            subprocess.run(cmd[:-2] + [f"{tmp}/a{k}", "--quiet"], check=True)
-            walls.append(time.perf_counter() - t0)
-    print(f"whole `mirage anagram` process (start-up, load, generate, PNGs, sheet, GIF, MP4): "
-          f"median {statistics.median(walls):.2f} s")
+               "--prompt", PROMPTS[1], "--steps", str(args.steps), "--quiet"]
+        for extra, how in ((["--tries", "1"], "one try"), ([], "its default tries, until the classifier is sure")):
+            walls = []
+            for k in range(3):
+                out = f"{tmp}/{len(extra)}-{k}"
+                t0 = time.perf_counter()
+                subprocess.run([*cmd, *extra, "--out", out], check=True, stderr=subprocess.DEVNULL)
+                walls.append(time.perf_counter() - t0)
+            kept = json.loads(Path(out, "result.json").read_text())["images"][0]
+            print(f"whole `mirage anagram` process, {how} (start-up, load, generate, check, PNGs, sheet, GIF, MP4): "
+                  f"median {statistics.median(walls):.2f} s; kept try {kept.get('try', 0) + 1}, "
+                  f"read right: {kept.get('right', '-')}")
     if not args.skip_course:
         print(f"course loop ({model.schedule.num_train_timesteps} steps, 4 separate calls each): "
               f"{course_loop(model, args.guidance):.2f} s")

@@ -18,6 +18,7 @@ import time
 import torch
 
 from mirage import score, tasks
+from mirage.guide import Guide
 from mirage.filters import SIGMA
 from mirage.models import load_model
 from mirage.schedule import ddim_step, ddpm_step
@@ -60,11 +61,11 @@ def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps,
 def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
              chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
              resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step, pick: str = "best",
-             min_prob: float = 0.0) -> dict:
+             min_prob: float = 0.0, guide=None) -> dict:
     """Scores by each judge (name: classifier) of images made for `task`, each the best of `candidates` by
     `ranker`: {judge name: scores}."""
     names = model.class_names
-    kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample, step=step)
+    kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample, step=step, guide=guide)
     pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model, pick=pick, min_prob=min_prob)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
@@ -113,6 +114,9 @@ def main() -> None:
     p.add_argument("--reduce", nargs="+", default=["mean"], help="anagram reductions: mean, alternate")
     p.add_argument("--eta", type=float, nargs="+", default=None,
                    help="DDIM with these etas (0: deterministic) instead of the DDPM step (all tasks)")
+    p.add_argument("--classifier-guidance", type=float, nargs="+", default=[0.0],
+                   help="strengths of classifier guidance (all tasks; 0 = off)")
+    p.add_argument("--guide", default=None, help="the guide's file (default: the model's shipped one)")
     p.add_argument("--resample", type=int, default=1, help="RePaint-style repeats of each step (all tasks)")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--pair-seeds", type=int, default=2, help="seeds per ordered class pair (90 pairs)")
@@ -126,15 +130,17 @@ def main() -> None:
         model = load_model(ref, torch.device(args.device))
         judges = {str(c): score.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
         ranker = score.classifier_for(model)
-        for (task, g, extra), (k, pick, min_prob), (sampler, step) in itertools.product(
-                settings(args), choices(args), samplers(args.eta)):
+        guide_classifier = score.load_classifier(args.guide) if args.guide else score.guide_for(model)
+        for (task, g, extra), (k, pick, min_prob), (sampler, step), cg in itertools.product(
+                settings(args), choices(args), samplers(args.eta), args.classifier_guidance):
             t0 = time.time()
+            guide = Guide(guide_classifier, cg) if cg else None
             results = evaluate(model, judges, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
                                resample=args.resample, candidates=k, ranker=ranker, step=step, pick=pick,
-                               min_prob=min_prob, **extra)
+                               min_prob=min_prob, guide=guide, **extra)
             for judge, result in results.items():
                 row = dict(model=ref, judge=judge, task=task, sampler=sampler, steps=args.steps,
-                           resample=args.resample, guidance=g, candidates=k, pick=pick, min_prob=min_prob,
+                           resample=args.resample, guidance=g, classifier_guidance=cg, candidates=k, pick=pick, min_prob=min_prob,
                            **extra, **result,
                            seconds=round(time.time() - t0, 1))
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),

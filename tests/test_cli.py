@@ -132,7 +132,16 @@ def test_builtin_defaults_are_per_task_and_recorded(tmp_path):
                  "--out", str(tmp_path / "h"), "--quiet"]) == 0
     entry = _result(tmp_path / "h")["images"][0]
     assert entry["sigma"] == 3 and entry["stages"][0]["guidance"] == 5.0
-    assert "guidance_interval" not in entry["stages"][0] and "tries" not in entry  # illusions: one try
+    assert "guidance_interval" not in entry["stages"][0]
+    # illusions: 8 tries at 90 %, classifier guidance at the strength the guide's file gives for the task
+    assert (entry["tries"], entry["confidence"], entry["classifier_guidance"]) == (8, 0.9, 300)
+    assert main(["hybrid", "--low", "bag", "--high", "coat", "--steps", "3", "--classifier-guidance", "0",
+                 "--out", str(tmp_path / "h0"), "--quiet"]) == 0
+    entry = _result(tmp_path / "h0")["images"][0]
+    assert entry["sigma"] == 3.5 and "classifier_guidance" not in entry
+    assert main(["anagram", "--prompt", "7", "--prompt", "1", "--model", "digits", "--steps", "3", "--tries", "1",
+                 "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    assert _result(tmp_path / "d")["images"][0]["classifier_guidance"] == 100
 
 
 def test_default_tries_only_where_the_classifier_can_check(tmp_path, capsys):

@@ -10,21 +10,23 @@ from typing import Callable, Sequence
 from .errors import MirageError, UsageError
 
 # IFPipeline's own; no classifier checks IF images, so one try (confidence is then unused)
-IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5)
+# (sigma None: filters.SIGMA, not imported here: it would load torch before the command is known)
+IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5, sigma=None)
 # built-ins, per task where "<setting>_<task>" is given (measured in builtin/README.md): samples guided only at
 # timesteps 150-850 keep both class accuracy and diversity (Frechet distance), and each is remade (up to 3
-# tries) where the classifier is not at least 50 % sure of its class; illusions need more guidance, and their
-# tries (--tries) a surer classifier (90 %: an independent classifier then agrees far more often).
-SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=1, confidence=0.9,
+# tries) where the classifier is not at least 50 % sure of its class; illusions, steered by classifier guidance
+# at the strength their guide's file gives, are remade (up to 8 tries) until it is 90 % sure of every prompt,
+# and hybrids split low from high at sigma 3.5.
+SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=8, confidence=0.9, sigma=None,
                       steps_sample=100, guidance_sample=1.5, guidance_interval_sample=(150, 850), tries_sample=3,
-                      confidence_sample=0.5, guidance_anagram=7.0, guidance_hybrid=5.0)
+                      confidence_sample=0.5, guidance_anagram=5.0, guidance_hybrid=5.0, sigma_hybrid=3.5)
 
 
 def task_defaults(small: bool, task: str) -> dict:
-    """steps, guidance, guidance interval, tries and confidence for one task: the task's own where given,
-    then the general ones."""
+    """steps, guidance, guidance interval, tries, confidence and hybrid sigma for one task: the task's own
+    where given, then the general ones."""
     defaults = SMALL_DEFAULTS if small else IF_DEFAULTS
-    keys = ("steps", "guidance", "guidance_interval", "tries", "confidence")
+    keys = ("steps", "guidance", "guidance_interval", "tries", "confidence", "sigma")
     return {k: defaults.get(f"{k}_{task}", defaults[k]) for k in keys}
 
 
@@ -85,11 +87,15 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
     g.add_argument("--steps", type=int, help="denoising steps, spaced as diffusers does (default: 100 for IF and "
                                              "built-in samples, 30 for the other tasks of built-in models)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7 for IF; for built-in "
-                                                  "models 3 for samples (digits: 1.5), 7 for anagrams, 5 for "
-                                                  "hybrids, 2 for edits)")
+                                                  "models 1.5 for samples, 5 for anagrams and hybrids, 2 for "
+                                                  "edits)")
     g.add_argument("--guidance-interval", metavar="LO-HI",
                    help="guide only at timesteps LO..HI, e.g. 150-850, or none (default: none for IF; 150-850 for "
-                        "built-in samples, none for digits)")
+                        "built-in samples)")
+    g.add_argument("--classifier-guidance", type=float, metavar="S",
+                   help="built-in models: also steer each prompt with the data set's guide, a classifier of noisy "
+                        "images, at strength S; 0 = off (default: the strength the guide's file gives for the "
+                        "task, measured: fashion 300 for anagrams and hybrids, digits 100 for anagrams, else 0)")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
     g.add_argument("--batch-size", type=int, default=0, help="images per model batch (default: all at once)")

@@ -26,6 +26,7 @@ class Term:
     uncond: Cond | None = None  # the null condition for classifier-free guidance (same image, if any)
     view: object | None = None  # a views.View; None is the identity
     component: Callable[[Tensor], Tensor] | None = None  # with reduce="sum": the part of eps this term gives
+    sees: Callable[[Tensor], Tensor] | None = None  # what of view(x) shows the prompt (a hybrid's low: the blur)
 
 
 def cfg(eps_c: Tensor, eps_u: Tensor, guidance: float) -> Tensor:
@@ -47,8 +48,9 @@ def _invert_variance(view, v: Tensor) -> Tensor:
 
 
 def estimate(model: Denoiser, x: Tensor, t: int, terms: list[Term], guidance: float,
-             reduce: str = "mean", step_index: int = 0) -> tuple[Tensor, Tensor | None]:
-    """The combined (eps, variance) for x at timestep t; the variance comes from the conditional branches."""
+             reduce: str = "mean", step_index: int = 0, guide=None) -> tuple[Tensor, Tensor | None]:
+    """The combined (eps, variance) for x at timestep t; the variance comes from the conditional branches.
+    A `guide` (guide.Guide) adds its classifier's push for the terms."""
     if reduce == "alternate":
         terms = [terms[step_index % len(terms)]]
     guided = guidance != 1 and all(term.uncond is not None for term in terms)
@@ -68,6 +70,8 @@ def estimate(model: Denoiser, x: Tensor, t: int, terms: list[Term], guidance: fl
         combined = sum(term.component(e) for term, e in zip(terms, epss))
     else:
         combined = torch.stack(epss).mean(0)
+    if guide is not None:
+        combined = combined + guide.push(x, model.schedule.alpha_bar(t), terms)
     return combined, None if vars_ is None else torch.stack(vars_).mean(0)
 
 

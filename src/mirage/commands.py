@@ -20,7 +20,8 @@ from .models import is_small, load_model, load_upscaler, resolve_device
 from .outputs import RunDir
 from .sample import validate
 from .schedule import ddim_step, ddpm_step
-from .score import candidate_scores, classifier_for, first_right, hybrid_maps, identity
+from .guide import Guide, check_strength, for_task
+from .score import candidate_scores, classifier_for, first_right, guide_for, hybrid_maps, identity
 
 Run = Callable[..., Tensor]  # (model, items, **stage) -> images for those items
 
@@ -49,15 +50,18 @@ def execute(args, job: Job) -> int:
     confidence = defaults["confidence"] if getattr(args, "confidence", None) is None else args.confidence
     if not 0 <= confidence < 1:
         raise UsageError(f"--confidence is a probability below 1, got {confidence}")
+    if args.classifier_guidance is not None:
+        check_strength(args.classifier_guidance)
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory, args.compile)
+    guide = _guide(args, model, job.task)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     ranked = getattr(args, "pick", "none") == "best"
     classifier, tries = _checker(args, job, model, ranked, defaults["tries"])
     out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
 
     def make(items):
-        return _batched(job.run, model, items, args, step=step, progress=not args.quiet, **stage1)
+        return _batched(job.run, model, items, args, step=step, guide=guide, progress=not args.quiet, **stage1)
 
     def judge(images, _items):
         prompts, maps = job.checks(images.shape[-1])
@@ -90,6 +94,7 @@ def execute(args, job: Job) -> int:
         items = [dict(items[k], score=round(float(scores[k]), 4), right=bool(right[k]),
                       **({"rank": r + 1} if ranked else {})) for r, k in enumerate(order.tolist())]
     settings = dict(task=job.task, sampler=args.sampler, stages=stages, **job.settings,
+                    **(dict(classifier_guidance=guide.scale) if guide is not None else {}),
                     **(dict(tries=tries, confidence=confidence) if classifier is not None else {}))
     for k, item in enumerate(items):
         entry = dict(settings, **item)
@@ -111,6 +116,19 @@ def execute(args, job: Job) -> int:
     if not args.quiet:
         print(f"wrote {len(items)} image(s) to {out.path} (see {result.name})")
     return 0
+
+
+def _guide(args, model, task: str) -> Guide | None:
+    """Classifier guidance by the model's data set's guide at --classifier-guidance, by default at the
+    strength the guide's file gives for this task (measured when it was shipped); None where that is 0."""
+    asked = args.classifier_guidance
+    classifier = guide_for(model) if asked != 0 else None
+    if classifier is None:
+        if asked:
+            raise UsageError(f"--classifier-guidance steers class prompts with a built-in data set's guide, and "
+                             f"{args.model} has none: drop it, or use --model fashion or digits")
+        return None
+    return for_task(classifier, task) if asked is None else Guide(classifier, asked)
 
 
 # ---- --pick and --tries: the built-in model's classifier checks its candidates ----------------------------
@@ -332,8 +350,9 @@ def hybrid_args(p):
                    help="which factorization: low/high pass (default), low/mid/high, gray/color, motion")
     for part in ("low", "mid", "high", "gray", "color", "motion", "still"):
         p.add_argument(f"--{part}", help=f"prompt for the {part} component")
-    p.add_argument("--sigma", type=float, default=SIGMA, help="low/high split: Gaussian sigma in px at 64 px, "
-                                                             f"scaled with the resolution (default {SIGMA:g})")
+    p.add_argument("--sigma", type=float, default=None,
+                   help=f"low/high split: Gaussian sigma in px at 64 px, scaled with the resolution (default {SIGMA:g} "
+                        f"for IF, 3.5 for built-in models)")
     p.add_argument("--image", help="take one component from this image instead of a prompt (inverse problem)")
     p.add_argument("--image-component", help="which component the image gives (default: the first, e.g. low "
                                              "or gray)")
@@ -351,17 +370,18 @@ def hybrid_cmd(args) -> int:
     missing = [f"--{part}" for part, p in zip(parts, prompts) if p is None]
     if missing:
         raise UsageError(f"a {args.kind} hybrid needs {' and '.join(missing)}")
+    sigma = args.sigma if args.sigma is not None else task_defaults(is_small(args.model), "hybrid")["sigma"] or SIGMA
 
     def run(model, items, **stage):
         kw = {}
         if from_image is not None:
             kw = dict(image=image_for(model, args), image_component=parts.index(from_image))
-        return tasks.hybrid(model, prompts, seeds(items), kind=args.kind, sigma=args.sigma, **kw, **stage)
+        return tasks.hybrid(model, prompts, seeds(items), kind=args.kind, sigma=sigma, **kw, **stage)
 
     job = Job("hybrid", [dict(seed=s) for s in seeds_of(args)], run, sheet=_hybrid_sheet,
-              settings=dict(kind=args.kind, sigma=args.sigma, prompts=prompts, components=list(parts),
+              settings=dict(kind=args.kind, sigma=sigma, prompts=prompts, components=list(parts),
                             image=args.image, image_component=from_image),
-              checks=(lambda size: (prompts, hybrid_maps(size, args.sigma)))
+              checks=(lambda size: (prompts, hybrid_maps(size, sigma)))
               if args.kind == "lowhigh" and from_image is None else None)
     return execute(args, job)
 

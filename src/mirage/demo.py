@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from . import tasks
+from .cli import task_defaults
+from .guide import for_task
 from .models import is_small, load_model, resolve_device
 from .outputs import RunDir
 from .report import Block, Figure, Section, line_chart, write
@@ -104,6 +106,7 @@ class Demo:
     out: RunDir
     guidance: float
     classifier: object | None = None
+    guide: object | None = None  # the model's guide classifier, for classifier guidance of the illusions
     sections: list[Section] = field(default_factory=list)
 
     def figure(self, name: str, image: Tensor, title: str, **settings) -> Figure:
@@ -279,13 +282,15 @@ def anagrams(d: Demo) -> Section:
 
     views, n = parse_views(["identity", "flip"]), d.size.candidates
 
+    guide = for_task(d.guide, "anagram")
+
     def make(prompts, seeds):
-        return tasks.anagram(d.model, prompts, views, seeds, steps=d.size.steps, guidance=d.guidance)
+        return tasks.anagram(d.model, prompts, views, seeds, steps=d.size.steps, guidance=d.guidance, guide=guide)
 
     blocks = []
     for k, c in enumerate(_best_of_pairs(d, d.plan.anagrams, make, [v.view for v in views])):
         settings = dict(prompts=list(c.pair), views=["identity", "flip"], seed=c.seed, steps=d.size.steps,
-                        guidance=d.guidance, candidates=n)
+                        guidance=d.guidance, candidates=n, **_guide_setting(guide))
         figs = [d.figure(f"a-anagram{k}-{v.name}.png", v.view(c.best[None])[0], f"{v.name}: {p}", **settings)
                 for v, p in zip(views, c.pair)]
         frames = illusion_animation(c.best, views, list(c.pair), size=192, steps=d.size.frames,
@@ -303,16 +308,19 @@ def hybrids(d: Demo) -> Section:
     from .filters import SIGMA
     from .score import hybrid_maps
 
-    n, maps = d.size.candidates, hybrid_maps(d.model.size, SIGMA)
+    sigma = task_defaults(is_small(d.name), "hybrid")["sigma"] or SIGMA
+    n, maps, guide = d.size.candidates, hybrid_maps(d.model.size, sigma), for_task(d.guide, "hybrid")
     low = maps[0]
 
     def make(prompts, seeds):
-        return tasks.hybrid(d.model, prompts, seeds, kind="lowhigh", steps=d.size.steps, guidance=d.guidance)
+        return tasks.hybrid(d.model, prompts, seeds, kind="lowhigh", sigma=sigma, steps=d.size.steps,
+                            guidance=d.guidance, guide=guide)
 
     blocks = []
     for k, c in enumerate(_best_of_pairs(d, d.plan.hybrids, make, maps)):
         (lo, hi), best = c.pair, c.best
-        settings = dict(low=lo, high=hi, kind="lowhigh", seed=c.seed, steps=d.size.steps, guidance=d.guidance)
+        settings = dict(low=lo, high=hi, kind="lowhigh", sigma=sigma, seed=c.seed, steps=d.size.steps,
+                        guidance=d.guidance, **_guide_setting(guide))
         figs = [d.figure(f"a-hybrid{k}.png", best, f"close up: {hi}", **settings),
                 d.figure(f"a-hybrid{k}-low.png", low(best[None])[0].clamp(-1, 1), f"low pass (from afar): {lo}",
                          **settings),
@@ -321,6 +329,10 @@ def hybrids(d: Demo) -> Section:
                 _candidate_sheet(d, f"a-hybrid{k}-candidates.png", c, f"hybrid {lo}/{hi}")]
         blocks.append(Block(f"{lo} from afar, {hi} close up", f"Best of {n} candidates, {c.how}.", figs, cell=150))
     return Section("hybrids", "Part A 1.9 · Hybrid images", blocks)
+
+
+def _guide_setting(guide) -> dict:
+    return {} if guide is None else dict(classifier_guidance=guide.scale)
 
 
 # ---- Part B ---------------------------------------------------------------------------------------
@@ -415,7 +427,7 @@ def run_demo(out: str | Path, model: str = "fashion", device: str = "cpu", quick
     """Makes the whole demo into a new numbered run folder beside/at `out`; returns its report.html."""
     from tqdm.auto import tqdm
 
-    from .score import classifier_for
+    from .score import classifier_for, guide_for
 
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -424,7 +436,7 @@ def run_demo(out: str | Path, model: str = "fashion", device: str = "cpu", quick
     plan = _plan_for(model, denoiser)
     run = RunDir(out, "demo", command=shlex.join(["mirage", "demo", *sys.argv[2:]]) if progress else "")
     d = Demo(denoiser, model, plan, size, run, guidance=5.0 if is_small(model) else 7.0,
-             classifier=classifier_for(denoiser))
+             classifier=classifier_for(denoiser), guide=guide_for(denoiser))
     with torch.inference_mode():
         for part in tqdm(PARTS, disable=not progress, unit="part", desc="mirage demo"):
             d.sections.append(part(d))

@@ -54,14 +54,15 @@ def validate(steps: int | None = None, guidance: float | None = None) -> None:
 @torch.inference_mode()
 def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timesteps: Sequence[int], *,
             guidance: float, guidance_interval: tuple[int, int] | None = None, reduce: str = "mean",
-            step: Step = ddpm_step, constrain: Constraint | None = None, resample: int = 1,
+            step: Step = ddpm_step, constrain: Constraint | None = None, resample: int = 1, guide=None,
             callback: Callable[[int, int, Tensor], None] | None = None, progress: bool = False) -> Tensor:
     """Denoise x, which is at timesteps[0], down to a clean image.
 
     Each timestep steps to the next one in the list and the last one to the clean image, as diffusers'
     schedulers do. `resample` > 1 repeats each step RePaint-style: step, constrain, re-noise back to t.
     `guidance_interval = (lo, hi)` guides only at timesteps lo <= t <= hi (Kynkaanniemi et al. 2024: guidance
-    at high noise costs diversity and gains little); elsewhere the unconditional branch is skipped.
+    at high noise costs diversity and gains little); elsewhere the unconditional branch is skipped. A `guide`
+    (guide.Guide) adds classifier guidance at every step.
     """
     check_reduce(reduce, terms)
     timesteps = list(timesteps)
@@ -72,7 +73,8 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timeste
         for r in range(resample):
             if r:  # jump back: q(x_t | x_t_prev) for a fresh try at this step
                 x_t = _renoise(model, x_next, t_prev, t, noise)
-            eps, var = estimate(model, x_t, t, terms, _guidance_at(t, guidance, guidance_interval), reduce, i)
+            eps, var = estimate(model, x_t, t, terms, _guidance_at(t, guidance, guidance_interval), reduce, i,
+                                guide)
             z = noise.draw(x.shape[1:]) if t > 0 else None  # diffusers draws no noise at t = 0
             x_next = step(model.schedule, x_t, eps, var, t, t_prev, z)
             if constrain is not None:

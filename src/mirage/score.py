@@ -148,13 +148,26 @@ def _map_log_probs(classifier: nn.Module, images: Tensor, labels: Tensor, maps: 
     return chosen, right
 
 
+def builtin_data(model) -> str | None:
+    """The built-in data set (fashion, digits) of a class-conditioned small model, or None (IF, an
+    unconditional model, another data set)."""
+    data = getattr(model, "data", None)
+    data = "digits" if data == "mnist" else data
+    return data if data in BUILTIN and getattr(model, "class_names", None) else None
+
+
 def classifier_for(model) -> nn.Module | None:
-    """The shipped classifier of a class-conditioned built-in model's data set, or None (IF, an unconditional
-    model): what ranks candidates."""
-    data = "digits" if getattr(model, "data", None) in ("digits", "mnist") else getattr(model, "data", None)
-    if data in BUILTIN and getattr(model, "class_names", None) and builtin_path(data).is_file():
-        return load_classifier(data)
-    return None
+    """The shipped classifier of a class-conditioned built-in model's data set, or None: what ranks and
+    checks candidates."""
+    data = builtin_data(model)
+    return load_classifier(data) if data and builtin_path(data).is_file() else None
+
+
+def guide_for(model) -> nn.Module | None:
+    """The shipped guide (a classifier of noised images) of the model's data set, or None: what steers
+    `--classifier-guidance`."""
+    data = builtin_data(model)
+    return load_classifier(builtin_path(data, "guide")) if data and builtin_path(data, "guide").is_file() else None
 
 
 def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequence[Sequence[str]],
@@ -199,8 +212,9 @@ def first_right(make: Callable, judge: Callable, items: list[dict], tries: int):
 
 
 # ---- classifiers --------------------------------------------------------------------------------
-def builtin_path(name: str) -> Path:
-    return Path(__file__).parent / "builtin" / f"classifier_{name}.safetensors"
+def builtin_path(name: str, kind: str = "classifier") -> Path:
+    """A shipped classifier (kind "classifier") or guide (kind "guide") of data set `name`."""
+    return Path(__file__).parent / "builtin" / f"{kind}_{name}.safetensors"
 
 
 def load_classifier(name_or_path: str | Path) -> nn.Module:

@@ -24,7 +24,8 @@ Filter = Callable[[Tensor], Tensor]
 
 
 def make_terms(model: Denoiser, prompts: Sequence[Prompt], n: int, views: Sequence | None = None,
-               components: Sequence[Filter] | None = None, guided: bool = True) -> list[Term]:
+               components: Sequence[Filter] | None = None, guided: bool = True,
+               sees: Sequence[Filter | None] | None = None) -> list[Term]:
     """One term per prompt; all prompts (and the null prompt "") are encoded in one call."""
     per_term = [[p] * n if isinstance(p, str) else list(p) for p in prompts]
     if any(len(p) != n for p in per_term):
@@ -38,20 +39,21 @@ def make_terms(model: Denoiser, prompts: Sequence[Prompt], n: int, views: Sequen
     null = encoded.take([unique.index("")] * n) if guided else None
     return [Term(cond=encoded.take([unique.index(p) for p in ps]), uncond=null,
                  view=None if views is None else views[k],
-                 component=None if components is None else components[k])
+                 component=None if components is None else components[k], sees=None if sees is None else sees[k])
             for k, ps in enumerate(per_term)]
 
 
 def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *, steps: int | None = None,
              timesteps: Sequence[int] | None = None, guidance: float = 7.0,
              guidance_interval: tuple[int, int] | None = None, views: Sequence | None = None,
-             components: Sequence[Filter] | None = None, reduce: str = "mean", init: Tensor | None = None,
-             start: int = 0, keep: tuple[Filter, Tensor] | None = None, low_res: Tensor | None = None,
-             noise_level: int = 250, step=ddpm_step, resample: int = 1, callback=None,
-             progress: bool = False) -> Tensor:
+             components: Sequence[Filter] | None = None, sees: Sequence[Filter | None] | None = None,
+             reduce: str = "mean", init: Tensor | None = None, start: int = 0,
+             keep: tuple[Filter, Tensor] | None = None, low_res: Tensor | None = None, noise_level: int = 250,
+             step=ddpm_step, resample: int = 1, guide=None, callback=None, progress: bool = False) -> Tensor:
     """The general task: start from noise (or from `init` noised to timesteps[start]: SDEdit), guide by the
     terms, and optionally keep the part `keep = (F, reference)` of the image equal to the reference's
-    (x <- x - F(x) + F(q(reference, t)): inpainting, or a hybrid component taken from a photo)."""
+    (x <- x - F(x) + F(q(reference, t)): inpainting, or a hybrid component taken from a photo). A `guide`
+    (guide.Guide) adds classifier guidance; `sees` says through what it reads each prompt."""
     validate(steps=steps, guidance=guidance)
     timesteps = list(timesteps) if timesteps is not None else model.schedule.timesteps(steps or 50)
     if not 0 <= start < len(timesteps):
@@ -61,7 +63,7 @@ def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *
     x = noise.draw(shape)  # drawn first in every case, as diffusers' pipelines do
     if init is not None:
         x = model.schedule.forward(_to_batch(init, len(noise), shape, "init"), timesteps[start], x)
-    terms = make_terms(model, prompts, len(noise), views, components, guided=guidance != 1)
+    terms = make_terms(model, prompts, len(noise), views, components, guided=guidance != 1, sees=sees)
     if low_res is not None:
         terms = _condition_on(model, terms, low_res, noise, noise_level)
     constrain = None
@@ -69,8 +71,8 @@ def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *
         filt, ref = keep
         constrain = project(model.schedule, filt, _to_batch(ref, len(noise), shape, "reference"), noise)
     return diffuse(model, x, terms, noise, timesteps[start:], guidance=guidance,
-                   guidance_interval=guidance_interval, reduce=reduce, step=step,
-                   constrain=constrain, resample=resample, callback=callback, progress=progress)
+                   guidance_interval=guidance_interval, reduce=reduce, step=step, constrain=constrain,
+                   resample=resample, guide=guide, callback=callback, progress=progress)
 
 
 def project(schedule: Schedule, filt: Filter, reference: Tensor, noise: Noise):
@@ -127,7 +129,8 @@ def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kin
 
     With `image`, component `image_component` is taken from that image instead (its prompt is ignored):
     a photo as the low pass of a hybrid, or a grayscale photo colorized. `sigma` (given at 64 px) splits low
-    from high.
+    from high. Component i is seen in the sum of components 0..i: the low prompt blurred (from afar), the
+    high one in the whole image; a guide reads each prompt there.
     """
     components = make_components(kind, model.size, sigma)
     if len(prompts) != len(components):
@@ -135,7 +138,12 @@ def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kin
     keep = None
     if image is not None:
         keep = (components[image_component], image)
-    return generate(model, seeds, prompts, components=components, reduce="sum", keep=keep, **kw)
+    sees = [_partial_sum(components[:i + 1]) for i in range(len(components) - 1)] + [None]
+    return generate(model, seeds, prompts, components=components, sees=sees, reduce="sum", keep=keep, **kw)
+
+
+def _partial_sum(parts: Sequence[Filter]) -> Filter:
+    return lambda x: sum(part(x) for part in parts)
 
 
 def one_step(model: Denoiser, noisy: Tensor, t: int, prompt: str = "", guidance: float = 1.0) -> Tensor:

@@ -255,13 +255,15 @@ class Permutation(View):
         """(perm, inverse) with view(x).flat[j] = x.flat[perm[j]]."""
         key = (size, str(device))
         if key not in self._perms:
-            end = self.positions(size, 1.0).round().long()
-            dest = end[:, 0] * size + end[:, 1]
-            if not torch.equal(torch.sort(dest).values, torch.arange(size * size)):
-                raise RuntimeError(f"view {self.name} is not a permutation at {size} px (a bug in mirage)")
-            perm = torch.empty_like(dest)
-            perm[dest] = torch.arange(size * size)
-            self._perms[key] = (perm.to(device), dest.to(device))
+            # made outside inference mode, as it outlives the call: classifier guidance differentiates views
+            with torch.inference_mode(False):
+                end = self.positions(size, 1.0).round().long()
+                dest = end[:, 0] * size + end[:, 1]
+                if not torch.equal(torch.sort(dest).values, torch.arange(size * size)):
+                    raise RuntimeError(f"view {self.name} is not a permutation at {size} px (a bug in mirage)")
+                perm = torch.empty_like(dest)
+                perm[dest] = torch.arange(size * size)
+                self._perms[key] = (perm.to(device), dest.to(device))
         return self._perms[key]
 
     def _apply(self, x: Tensor, which: int) -> Tensor:

@@ -1,5 +1,7 @@
 """A small CNN that tells the classes of a 28-px data set apart: what `mirage score` measures samples with
 (class accuracy, Fréchet distance in its feature space, whether each view of an illusion shows its prompt).
+Trained `--noisy`, it is a guide instead: it reads images noised as a diffusion model sees them (classifier
+guidance, denoisers/guided.py).
 
 `mirage train classifier --data fashion|digits --out RUN_DIR` trains one on a CPU in a few minutes and writes
 RUN_DIR/classifier.safetensors: the weights, the test set's feature statistics (so scoring needs no data set)
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import MirageError, UsageError
+from ..schedule import Schedule
 from ..score import class_accuracy, feature_stats, frechet_from_stats, prepare
 from .runs import replace_file
 
@@ -27,6 +30,8 @@ FORMAT = "mirage-classifier/1"
 REFERENCE_COUNT = 1000  # real training images in the reference Fréchet distance (as many as a scored run)
 REFERENCE_DRAWS = 5  # disjoint draws of them, averaged
 DEFAULT_EPOCHS = {"fashion": 12, "digits": 20}
+COSINE = Schedule.cosine().alphas_cumprod
+NOISY_CHECKS = (250, 500, 750)  # timesteps a guide's test accuracy is also measured at
 
 
 @dataclass
@@ -37,12 +42,14 @@ class ClassifierConfig:
     size: int = 28
     data: str = ""
     class_names: list[str] = field(default_factory=list)
+    noisy: bool = False  # a guide: takes x_t and its noise level sqrt(1 - alpha_bar) (0 = a clean image)
 
 
 class Classifier(nn.Module):
     """conv-BN-ReLU stages with max pooling between them, pooled to a 3x3 grid (where things are matters:
     a shirt's sleeves, a 7's bar), then a fully connected layer of `features` units and the class layer.
-    `features(x)`, that layer's output, is what Fréchet distances are measured in."""
+    `features(x)`, that layer's output, is what Fréchet distances are measured in. A noisy one (a guide) sees
+    the noise level as a second input channel, constant over the image."""
 
     GRID = 3
 
@@ -50,7 +57,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = config
         layers: list[nn.Module] = []
-        width = 1
+        width = 2 if config.noisy else 1
         for k, out in enumerate(config.channels):
             if k:
                 layers.append(nn.MaxPool2d(2))
@@ -65,12 +72,16 @@ class Classifier(nn.Module):
         self.register_buffer("test_sigma", torch.zeros(config.features, config.features))
         self.info: dict = {}  # test accuracy, reference FD, how it was trained
 
-    def features(self, x: Tensor) -> Tensor:
-        """[N, 1, H, W] in [-1, 1] -> [N, features]."""
+    def features(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """[N, 1, H, W] in [-1, 1] (with a guide: noised, at noise levels `noise` [N], default 0) ->
+        [N, features]."""
+        if self.config.noisy:
+            level = torch.zeros(len(x), device=x.device) if noise is None else noise
+            x = torch.cat([x, level.to(x).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])], 1)
         return self.trunk(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        return self.head(self.features(x, noise))
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -88,10 +99,20 @@ def augment(x: Tensor, generator: torch.Generator, shift: float = 2.0, scale: fl
     return F.grid_sample(x + 1, grid, align_corners=False) - 1
 
 
+def noised(x0: Tensor, generator: torch.Generator, t: int | None = None) -> tuple[Tensor, Tensor]:
+    """(x_t, noise level) at timestep t of the cosine schedule the built-ins are trained with (default: a
+    uniform one per image); the guide takes the level itself, so it serves any variance-preserving schedule."""
+    steps = torch.randint(0, len(COSINE), (len(x0),), generator=generator) if t is None else torch.full((len(x0),), t)
+    alpha_bar = COSINE[steps].view(-1, 1, 1, 1)
+    level = (1 - alpha_bar).sqrt()
+    return alpha_bar.sqrt() * x0 + level * torch.randn(x0.shape, generator=generator), level.flatten()
+
+
 # ---- training -----------------------------------------------------------------------------------
 def train(model: Classifier, images: Tensor, labels: Tensor, epochs: int, batch_size: int = 128,
           lr: float = 3e-3, seed: int = 0, log=print) -> Classifier:
-    """AdamW with a one-cycle learning rate: the fastest route to a good accuracy in a few epochs."""
+    """AdamW with a one-cycle learning rate: the fastest route to a good accuracy in a few epochs. A guide
+    sees every image at a random noise level."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = prepare(images, model.config.size), labels
@@ -102,7 +123,8 @@ def train(model: Classifier, images: Tensor, labels: Tensor, epochs: int, batch_
     for epoch in range(epochs):
         start, total, correct = time.time(), 0.0, 0
         for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-            logits = model(augment(x[idx], generator))
+            batch = augment(x[idx], generator)
+            logits = model(*noised(batch, generator)) if model.config.noisy else model(batch)
             loss = F.cross_entropy(logits, y[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,6 +187,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--channels", default="32,64,128", help="conv widths, one stage each (default 32,64,128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noisy", action="store_true",
+                   help="train a guide for --classifier-guidance: it learns the classes of noised images")
 
 
 def run(args) -> int:
@@ -182,7 +206,8 @@ def run(args) -> int:
     epochs = args.epochs or DEFAULT_EPOCHS[data]
     print(f"{data}: {len(train_x)} training and {len(test_x)} test images; {epochs} epochs, channels {channels}")
     torch.manual_seed(args.seed)
-    model = Classifier(ClassifierConfig(channels=channels, data=data, class_names=list(CLASS_NAMES[data])))
+    model = Classifier(ClassifierConfig(channels=channels, data=data, class_names=list(CLASS_NAMES[data]),
+                                        noisy=args.noisy))
     start = time.time()
     train(model, train_x, train_y, epochs, args.batch_size, args.lr, args.seed)
     seconds = time.time() - start
@@ -191,8 +216,9 @@ def run(args) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     save(model, target)
     info = model.info
-    print(f"test accuracy {info['test_accuracy']:.4f}; reference FD ({info['reference_images']} training images vs the "
-          f"test set, mean of {REFERENCE_DRAWS} draws) {info['reference_fd']:.4f} "
+    noisy = "".join(f", {info[f'test_accuracy_t{t}']:.4f} at t {t}" for t in NOISY_CHECKS if args.noisy)
+    print(f"test accuracy {info['test_accuracy']:.4f}{noisy}; reference FD ({info['reference_images']} training "
+          f"images vs the test set, mean of {REFERENCE_DRAWS} draws) {info['reference_fd']:.4f} "
           f"(+-{info['reference_fd_std']:.4f}); {seconds:.0f} s of training; wrote {target}")
     return 0
 
@@ -202,6 +228,8 @@ def measure(model: Classifier, train_x: Tensor, test_x: Tensor, test_y: Tensor, 
     Fréchet distance: 1000 real training images against the test set (what good samples should come near),
     averaged over disjoint draws because one draw of 1000 varies by some 20 %."""
     accuracy = class_accuracy(model, test_x, test_y)
+    noisy = {f"test_accuracy_t{t}": round(noisy_accuracy(model, test_x, test_y, t, seed), 5)
+             for t in NOISY_CHECKS if model.config.noisy}
     mu, sigma = feature_stats(model, test_x)
     model.test_mu.copy_(mu)
     model.test_sigma.copy_(sigma)
@@ -209,8 +237,16 @@ def measure(model: Classifier, train_x: Tensor, test_x: Tensor, test_y: Tensor, 
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     draws = order[:count * REFERENCE_DRAWS].reshape(REFERENCE_DRAWS, count)
     fds = torch.tensor([frechet_from_stats(*feature_stats(model, train_x[d]), mu, sigma) for d in draws])
-    return dict(test_accuracy=round(accuracy, 5), reference_fd=round(fds.mean().item(), 5),
+    return dict(test_accuracy=round(accuracy, 5), **noisy, reference_fd=round(fds.mean().item(), 5),
                 reference_fd_std=round(fds.std().item(), 5), reference_images=count)
+
+
+@torch.inference_mode()
+def noisy_accuracy(model: Classifier, images: Tensor, labels: Tensor, t: int, seed: int = 0) -> float:
+    """A guide's accuracy on images noised to timestep t of the cosine schedule."""
+    x_t, level = noised(prepare(images, model.config.size), torch.Generator().manual_seed(seed), t)
+    logits = torch.cat([model(x, lv) for x, lv in zip(x_t.split(1000), level.split(1000))])
+    return (logits.argmax(1) == labels).float().mean().item()
 
 
 def _parse_channels(text: str) -> tuple[int, ...]:
