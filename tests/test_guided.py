@@ -101,3 +101,15 @@ def test_shipped_guides_know_noised_test_images(name):
     guide = score.load_classifier(score.builtin_path(name, "guide"))
     assert guide.config.noisy and guide.config.data == name
     assert guide.info["test_accuracy"] > 0.85 and guide.info["test_accuracy_t500"] > 0.5
+
+
+def test_train_classifier_noisy_writes_a_guide(tmp_path, capsys):
+    from test_train import make_idx
+
+    make_idx(tmp_path / "idx")
+    out = tmp_path / "g"
+    assert main(["train", "classifier", "--noisy", "--data", "fashion", "--root", str(tmp_path / "idx"),
+                 "--epochs", "1", "--channels", "8,16", "--out", str(out)]) == 0
+    guide = score.load_classifier(out / "classifier.safetensors")
+    assert guide.config.noisy and {"test_accuracy_t250", "test_accuracy_t750"} <= set(guide.info)
+    assert "at t 500" in capsys.readouterr().out
