@@ -15,11 +15,12 @@ IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, con
 # built-ins, per task where "<setting>_<task>" is given (measured in builtin/README.md): samples guided only at
 # timesteps 150-850 keep both class accuracy and diversity (Frechet distance), and each is remade (up to 3
 # tries) where the classifier is not at least 50 % sure of its class; illusions, steered by classifier guidance
-# at the strength their guide's file gives, are remade (up to 8 tries) until it is 90 % sure of every prompt,
-# and hybrids split low from high at sigma 3.5.
+# at the strength their guide's file gives, are remade (up to 8 tries) until it is 90 % sure of every prompt;
+# hybrids split low from high at sigma 3.5 and take 100 steps (their low prompt gains most from them).
 SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=8, confidence=0.9, sigma=None,
                       steps_sample=100, guidance_sample=1.5, guidance_interval_sample=(150, 850), tries_sample=3,
-                      confidence_sample=0.5, guidance_anagram=5.0, guidance_hybrid=5.0, sigma_hybrid=3.5)
+                      confidence_sample=0.5, guidance_anagram=5.0, guidance_hybrid=5.0, sigma_hybrid=3.5,
+                      steps_hybrid=100)
 
 
 def task_defaults(small: bool, task: str) -> dict:
@@ -85,7 +86,7 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
     g.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-7,12 (overrides --seed/--n)")
     g.add_argument("--steps", type=int, help="denoising steps, spaced as diffusers does (default: 100 for IF and "
-                                             "built-in samples, 30 for the other tasks of built-in models)")
+                                             "built-in samples and hybrids, 30 for the other tasks of built-in models)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7 for IF; for built-in "
                                                   "models 1.5 for samples, 5 for anagrams and hybrids, 2 for "
                                                   "edits)")
