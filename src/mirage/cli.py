@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 
 from .errors import MirageError, UsageError
 
-# IFPipeline's own; no classifier checks IF images, so one try (confidence is then unused)
-# (sigma None: filters.SIGMA, not imported here: it would load torch before the command is known)
+# IFPipeline's own; no classifier checks IF images, so one try (confidence is then unused); sigma None is
+# filters.SIGMA, looked up only when asked for (importing filters here would load torch for every command)
 IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5, sigma=None)
 # built-ins, per task where "<setting>_<task>" is given (measured in builtin/README.md): samples guided only at
 # timesteps 150-850 keep both class accuracy and diversity (Frechet distance), and each is remade (up to 3
@@ -28,7 +28,12 @@ def task_defaults(small: bool, task: str) -> dict:
     where given, then the general ones."""
     defaults = SMALL_DEFAULTS if small else IF_DEFAULTS
     keys = ("steps", "guidance", "guidance_interval", "tries", "confidence", "sigma")
-    return {k: defaults.get(f"{k}_{task}", defaults[k]) for k in keys}
+    chosen = {k: defaults.get(f"{k}_{task}", defaults[k]) for k in keys}
+    if chosen["sigma"] is None:
+        from .filters import SIGMA
+
+        chosen["sigma"] = SIGMA
+    return chosen
 
 
 # ---- argument helpers ---------------------------------------------------------------------------

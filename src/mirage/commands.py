@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import demo, tasks
-from .cli import Command, parse_interval, seeds_of, task_defaults
+from .cli import SMALL_DEFAULTS, Command, parse_interval, seeds_of, task_defaults
 from .errors import UsageError
 from .filters import SIGMA
 from .models import is_small, load_model, load_upscaler, resolve_device
@@ -352,7 +352,7 @@ def hybrid_args(p):
         p.add_argument(f"--{part}", help=f"prompt for the {part} component")
     p.add_argument("--sigma", type=float, default=None,
                    help=f"low/high split: Gaussian sigma in px at 64 px, scaled with the resolution (default {SIGMA:g} "
-                        f"for IF, 3.5 for built-in models)")
+                        f"for IF, {SMALL_DEFAULTS['sigma_hybrid']:g} for built-in models)")
     p.add_argument("--image", help="take one component from this image instead of a prompt (inverse problem)")
     p.add_argument("--image-component", help="which component the image gives (default: the first, e.g. low "
                                              "or gray)")
@@ -370,7 +370,7 @@ def hybrid_cmd(args) -> int:
     missing = [f"--{part}" for part, p in zip(parts, prompts) if p is None]
     if missing:
         raise UsageError(f"a {args.kind} hybrid needs {' and '.join(missing)}")
-    sigma = args.sigma if args.sigma is not None else task_defaults(is_small(args.model), "hybrid")["sigma"] or SIGMA
+    sigma = args.sigma if args.sigma is not None else task_defaults(is_small(args.model), "hybrid")["sigma"]
 
     def run(model, items, **stage):
         kw = {}

@@ -305,10 +305,9 @@ def anagrams(d: Demo) -> Section:
 
 def hybrids(d: Demo) -> Section:
     """1.9: three low/high-pass hybrids (factorized diffusion), candidates ranked like the anagrams'."""
-    from .filters import SIGMA
     from .score import hybrid_maps
 
-    sigma = task_defaults(is_small(d.name), "hybrid")["sigma"] or SIGMA
+    sigma = task_defaults(is_small(d.name), "hybrid")["sigma"]
     n, maps, guide = d.size.candidates, hybrid_maps(d.model.size, sigma), for_task(d.guide, "hybrid")
     low = maps[0]
 

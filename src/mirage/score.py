@@ -159,15 +159,19 @@ def builtin_data(model) -> str | None:
 def classifier_for(model) -> nn.Module | None:
     """The shipped classifier of a class-conditioned built-in model's data set, or None: what ranks and
     checks candidates."""
-    data = builtin_data(model)
-    return load_classifier(data) if data and builtin_path(data).is_file() else None
+    return _shipped(model, "classifier")
 
 
 def guide_for(model) -> nn.Module | None:
     """The shipped guide (a classifier of noised images) of the model's data set, or None: what steers
     `--classifier-guidance`."""
+    return _shipped(model, "guide")
+
+
+def _shipped(model, kind: str) -> nn.Module | None:
     data = builtin_data(model)
-    return load_classifier(builtin_path(data, "guide")) if data and builtin_path(data, "guide").is_file() else None
+    path = builtin_path(data, kind) if data else None
+    return load_classifier(path) if path is not None and path.is_file() else None
 
 
 def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequence[Sequence[str]],

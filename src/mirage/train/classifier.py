@@ -1,7 +1,7 @@
 """A small CNN that tells the classes of a 28-px data set apart: what `mirage score` measures samples with
 (class accuracy, Fréchet distance in its feature space, whether each view of an illusion shows its prompt).
 Trained `--noisy`, it is a guide instead: it reads images noised as a diffusion model sees them (classifier
-guidance, denoisers/guided.py).
+guidance, mirage/guide.py).
 
 `mirage train classifier --data fashion|digits --out RUN_DIR` trains one on a CPU in a few minutes and writes
 RUN_DIR/classifier.safetensors: the weights, the test set's feature statistics (so scoring needs no data set)
