@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from mirage import tasks
-from mirage.guide import for_task
-from mirage.score import guide_for
-from mirage.combine import cfg
-from mirage.models import load_model
-from mirage.views import make_view
+from mirage.backends.load import load_model
+from mirage.engine import tasks
+from mirage.engine.combine import cfg
+from mirage.engine.guide import for_task
+from mirage.illusions.views import make_view
+from mirage.quality.classifier import guide_for
 
 PROMPTS = ["t-shirt", "trouser"]
 
@@ -51,7 +51,7 @@ def course_loop(model, guidance: float) -> float:
             e = cfg(model(xv, t, cond)[0], model(xv, t, null)[0], guidance)
             estimates.append(e if view is None else view.inverse(e))
         eps = torch.stack(estimates).mean(0)
-        from mirage.schedule import ddpm_step
+        from mirage.engine.schedule import ddpm_step
         x = ddpm_step(s, x, eps, None, t, ts[i + 1] if i + 1 < len(ts) else -1, torch.randn_like(x))
     return time.perf_counter() - t0
 
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"mirage engine, 2-view anagram, {args.steps} steps, batch 4 per step{how}: "
               f"median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "mirage.cli", "anagram", "--model", args.model, "--prompt", PROMPTS[0],
+        cmd = [sys.executable, "-m", "mirage.app.main", "anagram", "--model", args.model, "--prompt", PROMPTS[0],
                "--prompt", PROMPTS[1], "--steps", str(args.steps), "--quiet"]
         for extra, how in ((["--tries", "1"], "one try"), ([], "its default tries, until the classifier is sure")):
             walls = []

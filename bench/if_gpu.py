@@ -33,11 +33,11 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 import if_arch  # noqa: E402
 import if_reference  # noqa: E402
 
-from mirage import tasks  # noqa: E402
-from mirage.denoisers.base import Cond  # noqa: E402
-from mirage.denoisers.deepfloyd import COMPILE_MODE, load_stage  # noqa: E402
-from mirage.memory import GiB  # noqa: E402
-from mirage.views import make_view  # noqa: E402
+from mirage.backends.deepfloyd import COMPILE_MODE, load_stage  # noqa: E402
+from mirage.backends.memory import GiB  # noqa: E402
+from mirage.engine import tasks  # noqa: E402
+from mirage.engine.denoiser import Cond  # noqa: E402
+from mirage.illusions.views import make_view  # noqa: E402
 
 PROMPTS = ["an oil painting of people around a campfire", "an oil painting of an old man"]
 GUIDANCE = 10.0

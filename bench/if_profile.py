@@ -26,9 +26,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 import if_arch  # noqa: E402
 from if_gpu import PROMPTS, Bench, count_flops, direct_call, rate_text, unet_inputs  # noqa: E402
 
-from mirage import hub, memory  # noqa: E402
-from mirage.denoisers.deepfloyd import _Graphs, load_stage  # noqa: E402
-from mirage.prompts import _embed, preprocess  # noqa: E402
+from mirage.backends import hub, memory  # noqa: E402
+from mirage.backends.deepfloyd import _Graphs, load_stage  # noqa: E402
+from mirage.backends.prompts import _embed, preprocess  # noqa: E402
 
 FAMILIES = (("attention", ("fmha", "flash", "attention", "softmax")), ("normalization", ("norm",)),
             ("convolution", ("conv", "implicit", "cudnn", "xmma", "sm90_xmma", "nchw", "nhwc")),

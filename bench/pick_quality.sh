@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${1:?usage: pick_quality.sh OUT}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-python -m mirage.cli train classifier --data fashion --root .data/fashion --channels 48,96,192 --seed 1 \
+mirage train classifier --data fashion --root .data/fashion --channels 48,96,192 --seed 1 \
     --epochs 8 --out /tmp/judge 2>&1 | tail -2 | tee "$OUT/judge.log"
 cp /tmp/judge/classifier.safetensors "$OUT/judge_fashion.safetensors"
 Q="python bench/small_quality.py --device cuda --chunk 2000 --model fashion --candidates 1 2 4 8 \

@@ -17,12 +17,14 @@ import time
 
 import torch
 
-from mirage import score, tasks
-from mirage.guide import Guide
-from mirage.filters import SIGMA
-from mirage.models import load_model
-from mirage.schedule import ddim_step, ddpm_step
-from mirage.views import make_view
+from mirage.backends.load import load_model
+from mirage.engine import tasks
+from mirage.engine.guide import Guide
+from mirage.engine.schedule import ddim_step, ddpm_step
+from mirage.illusions.filters import SIGMA
+from mirage.illusions.views import make_view
+from mirage.quality import classifier as shipped
+from mirage.quality import metrics, selection
 
 
 def chunked(fn, prompts: list, seeds: list[int], chunk: int) -> torch.Tensor:
@@ -47,14 +49,14 @@ def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps,
                            [it["seed"] for it in items], chunk)
 
         def judge(images, items):
-            return score.candidate_scores(ranker, model, images, [it["prompts"] for it in items], maps, min_prob)
+            return selection.candidate_scores(ranker, model, images, [it["prompts"] for it in items], maps, min_prob)
 
-        return score.first_right(make, judge, items, k)[0]
+        return selection.first_right(make, judge, items, k)[0]
     wide = [[p for p in ps for _ in range(k)] for ps in prompts]
     images = chunked(fn, wide, list(range(n * k)), chunk)
     if k == 1:
         return images
-    scores, _ = score.candidate_scores(ranker, model, images, list(zip(*wide)), maps)
+    scores, _ = selection.candidate_scores(ranker, model, images, list(zip(*wide)), maps)
     return images.view(n, k, *images.shape[1:])[torch.arange(n), scores.view(n, k).argmax(1)]
 
 
@@ -70,7 +72,7 @@ def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_cl
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
         images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
-                         maps=[score.identity], **pick)
+                         maps=[metrics.identity], **pick)
         return {name: _sample_scores(clf, images, labels) for name, clf in judges.items()}
     pairs = [(a, b) for a, b in itertools.permutations(range(10), 2) for _ in range(pair_seeds)]
     first, second = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
@@ -80,18 +82,18 @@ def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_cl
         images = best_of(lambda ps, s: tasks.anagram(model, ps, views, s, reduce=reduce, **kw), prompts,
                          maps=[v.view for v in views], **pick)
         both = torch.stack([first, second], 1)
-        return {name: dict(anagram_both=score.illusion_accuracy(clf, images, both, views)["all"])
+        return {name: dict(anagram_both=metrics.illusion_accuracy(clf, images, both, views)["all"])
                 for name, clf in judges.items()}
-    maps = score.hybrid_maps(model.size, sigma)
+    maps = metrics.hybrid_maps(model.size, sigma)
     images = best_of(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", sigma=sigma, **kw), prompts,
                      maps=maps, **pick)
-    each = {name: score.hybrid_accuracy(clf, images, first, second, maps[0])["each"] for name, clf in judges.items()}
+    each = {name: metrics.hybrid_accuracy(clf, images, first, second, maps[0])["each"] for name, clf in judges.items()}
     return {name: dict(hybrid_low=e[0], hybrid_high=e[1]) for name, e in each.items()}
 
 
 def _sample_scores(clf, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    fd = score.frechet_distance(clf, images, score.test_stats(clf))
-    return dict(accuracy=score.class_accuracy(clf, images, labels), fd=fd, fd_ratio=fd / score.reference_fd(clf))
+    fd = metrics.frechet_distance(clf, images, shipped.test_stats(clf))
+    return dict(accuracy=metrics.class_accuracy(clf, images, labels), fd=fd, fd_ratio=fd / shipped.reference_fd(clf))
 
 
 def main() -> None:
@@ -128,9 +130,9 @@ def main() -> None:
 
     for ref in args.model:
         model = load_model(ref, torch.device(args.device))
-        judges = {str(c): score.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
-        ranker = score.classifier_for(model)
-        guide_classifier = score.load_classifier(args.guide) if args.guide else score.guide_for(model)
+        judges = {str(c): shipped.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
+        ranker = shipped.classifier_for(model)
+        guide_classifier = shipped.load_classifier(args.guide) if args.guide else shipped.guide_for(model)
         for (task, g, extra), (k, pick, min_prob), (sampler, step), cg in itertools.product(
                 settings(args), choices(args), samplers(args.eta), args.classifier_guidance):
             t0 = time.time()

@@ -45,9 +45,9 @@ def train_speed(args) -> None:
 
 
 def cpu_latency(args) -> None:
-    from mirage.denoisers.base import Cond
-    from mirage.denoisers.small import SmallUNet
-    from mirage.train.unet import UNet
+    from mirage.backends.small import SmallUNet
+    from mirage.backends.unet import UNet
+    from mirage.engine.denoiser import Cond
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(kind="ddpm", classes=True)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mirage.cli import main, parse_interval, parse_seeds
+from mirage.app.args import parse_interval, parse_seeds
+from mirage.app.main import main
 from mirage.errors import UsageError
 from mirage.io import read_settings
 
@@ -164,7 +165,7 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 
 def test_console_script_exit_code_for_usage():
-    proc = subprocess.run([sys.executable, "-m", "mirage.cli", "sample", "--steps", "-1"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mirage.app.main", "sample", "--steps", "-1"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
 
@@ -175,9 +176,10 @@ def test_console_script_exit_code_for_usage():
 def test_pick_best_lists_candidates_best_first(argv, tmp_path):
     import torch
 
-    from mirage import score
+    from mirage.backends.load import load_model
     from mirage.io import load_image
-    from mirage.models import load_model
+    from mirage.quality import classifier as shipped
+    from mirage.quality import selection
 
     out = tmp_path / "p"
     assert main([*argv, "--n", "5", "--steps", "4", "--pick", "best", "--out", str(out), "--quiet"]) == 0
@@ -188,14 +190,14 @@ def test_pick_best_lists_candidates_best_first(argv, tmp_path):
     assert scores == sorted(scores, reverse=True)
     if argv[0] == "sample":  # the recorded score is the classifier's, recomputed from the written files
         images = torch.cat([load_image(out / e["file"], 28, channels=1) for e in entries])
-        clf, model = score.load_classifier("fashion"), load_model("fashion", torch.device("cpu"))
-        again = score.candidate_scores(clf, model, images, [["bag"]] * 5, [lambda x: x])[0]
+        clf, model = shipped.load_classifier("fashion"), load_model("fashion", torch.device("cpu"))
+        again = selection.candidate_scores(clf, model, images, [["bag"]] * 5, [lambda x: x])[0]
         assert torch.allclose(again, torch.tensor(scores), atol=0.05)
     assert Image.open(out / "sheet.png").height > 0
 
 
 def test_tries_remakes_only_the_images_the_classifier_reads_wrong(tmp_path):
-    from mirage import score
+    from mirage.quality import selection
 
     def run(*extra):
         out = tmp_path / str(len(list(tmp_path.iterdir())))
@@ -215,7 +217,7 @@ def test_tries_remakes_only_the_images_the_classifier_reads_wrong(tmp_path):
     assert sum(e["right"] for e in again.values()) > 6 - len(wrong)
     # try j of seed s is the plain image of seed candidate_seed(s, j)
     s = next(s for s in wrong if again[s]["try"] > 0)
-    plain_dir, plain = run("--seeds", str(score.candidate_seed(s, again[s]["try"])))
+    plain_dir, plain = run("--seeds", str(selection.candidate_seed(s, again[s]["try"])))
     assert _same_file(again_dir / again[s]["file"], plain_dir / next(iter(plain.values()))["file"])
 
 

@@ -10,12 +10,16 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from huggingface_hub.utils import filter_repo_objects
 
-from mirage import hub
-from mirage.denoisers.base import Cond, Denoiser
-from mirage.denoisers.deepfloyd import IFStage, IFUpscaler, fetch, load_stage
+from mirage.backends import hub
+from mirage.backends.deepfloyd import IFStage, IFUpscaler, fetch, load_stage
+from mirage.engine.denoiser import Cond, Denoiser
 from mirage.errors import MirageError, UsageError
 
 
@@ -52,8 +56,8 @@ def test_stages_load_from_folders(tiny_if_models):
 
 
 def test_compile_reaches_both_stages_and_stays_off_by_default(tiny_if_models):
-    from mirage.denoisers.deepfloyd import COMPILE_MODE
-    from mirage.models import load_model, load_upscaler
+    from mirage.backends.deepfloyd import COMPILE_MODE
+    from mirage.backends.load import load_model, load_upscaler
 
     ref = str(tiny_if_models.stage_1)
     one = load_model(ref, torch.device("cpu"), compile=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirage import demo
+from mirage.app import demo
 from mirage.io import read_settings
 
 ORDER = ["denoising", "sampling", "edits", "anagrams", "hybrids", "part-b"]
@@ -113,7 +113,7 @@ def test_the_anagram_views_are_one_image_flipped(run):
 def test_the_training_curve_is_drawn_from_the_shipped_log(run):
     html = (run / "report.html").read_text()
     points = re.search(r'<svg class="chart".*?points="([^"]*)"', html, re.S).group(1).split()
-    logged = [line for line in (Path(demo.__file__).parent / "builtin/logs/fashion/metrics.jsonl")
+    logged = [line for line in (Path(demo.__file__).parents[1] / "builtin/logs/fashion/metrics.jsonl")
               .read_text().splitlines() if '"loss"' in line and "epoch_end" not in line]
     assert len(points) == len(logged)
 

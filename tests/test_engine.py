@@ -5,12 +5,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mirage.combine import cfg, estimate
-from mirage.denoisers.base import Cond
+from mirage.engine import tasks
+from mirage.engine.combine import cfg, estimate
+from mirage.engine.denoiser import Cond
+from mirage.engine.sample import Noise, diffuse
+from mirage.engine.schedule import CLEAN, Schedule, ddim_step, ddpm_step
 from mirage.errors import UsageError
-from mirage.sample import Noise, diffuse
-from mirage.schedule import CLEAN, Schedule, ddim_step, ddpm_step
-from mirage import tasks
 
 IF_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
                     beta_end=0.02, clip_sample=True, clip_sample_range=1.0, dynamic_thresholding_ratio=0.95,
@@ -120,7 +120,7 @@ def test_each_image_depends_on_its_own_seed_alone():
 
 def test_all_terms_and_branches_go_through_the_model_as_one_batch():
     model = ToyDenoiser()
-    from mirage.views import make_view
+    from mirage.illusions.views import make_view
     tasks.anagram(model, ["a", "bb"], [make_view("identity"), make_view("flip")], [0, 1], steps=4, guidance=5.0)
     assert model.calls == [2 * 2 * 2] * 4  # images x views x (cond, uncond), one call per step
 
@@ -150,7 +150,7 @@ def test_guidance_interval_guides_only_inside_it():
 
 
 def test_two_view_mean_step_is_the_published_formula():
-    from mirage.views import make_view
+    from mirage.illusions.views import make_view
     model = ToyDenoiser()
     flip = make_view("flip")
     x = torch.randn(1, 3, 8, 8)
@@ -179,7 +179,7 @@ def test_inpainting_keeps_every_unmasked_pixel():
 
 
 def test_hybrid_components_add_up_to_the_full_estimate_for_equal_prompts():
-    from mirage.filters import make_components
+    from mirage.illusions.filters import make_components
     model = ToyDenoiser()
     x = torch.randn(2, 3, 8, 8)
     comps = make_components("lowhigh", model.size)

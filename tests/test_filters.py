@@ -4,7 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from mirage.errors import UsageError
-from mirage.filters import KINDS, gaussian_blur, grayscale, lowpass, make_components, motion_kernel
+from mirage.illusions.filters import (
+    KINDS,
+    gaussian_blur,
+    grayscale,
+    lowpass,
+    make_components,
+    motion_kernel,
+)
 
 
 def rand(*shape, seed=0):

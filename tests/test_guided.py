@@ -4,19 +4,20 @@ import json
 
 import pytest
 import torch
-
-from mirage import score, tasks
-from mirage.cli import main
-from mirage.denoisers.base import Cond
-from mirage.combine import Term
-from mirage.filters import lowpass, make_components
-from mirage.guide import Guide
-from mirage.models import load_model
-from mirage.schedule import Schedule
-from mirage.train import classifier as clf
-from mirage.views import make_view
-
 from test_score import quadrants
+
+from mirage.app.main import main
+from mirage.backends.load import load_model
+from mirage.backends.small import builtin_path
+from mirage.engine import tasks
+from mirage.engine.combine import Term
+from mirage.engine.denoiser import Cond
+from mirage.engine.guide import Guide
+from mirage.engine.schedule import Schedule
+from mirage.illusions.filters import lowpass, make_components
+from mirage.illusions.views import make_view
+from mirage.quality import classifier as shipped
+from mirage.train import classifier as clf
 
 
 def tiny_guide(seed: int = 0) -> clf.Classifier:
@@ -32,7 +33,7 @@ def test_a_guide_learns_noised_images_and_reads_its_noise_level(tmp_path):
     assert info["test_accuracy"] >= 0.9 and info["test_accuracy_t500"] >= 0.8
     assert info["test_accuracy_t250"] >= info["test_accuracy_t750"] - 0.05
     clf.save(guide, tmp_path / "g.safetensors")
-    back = score.load_classifier(tmp_path / "g.safetensors")
+    back = shipped.load_classifier(tmp_path / "g.safetensors")
     assert back.config.noisy
     im = torch.rand(3, 1, 28, 28) * 2 - 1
     assert torch.equal(back(im), guide(im, torch.zeros(3)))  # no level given: a clean image
@@ -72,7 +73,7 @@ def test_hybrid_prompts_are_seen_in_partial_sums_of_the_components():
 
 def test_guidance_runs_in_the_loop_for_anagrams_and_hybrids():
     model = load_model("fashion", torch.device("cpu"))
-    guide = Guide(score.guide_for(model), 100.0)
+    guide = Guide(shipped.guide_for(model), 100.0)
     views = [make_view("identity"), make_view("flip")]
     for make in (lambda **kw: tasks.anagram(model, ["trouser", "bag"], views, [0, 1], steps=4, guidance=3.0, **kw),
                  lambda **kw: tasks.hybrid(model, ["trouser", "bag"], [0, 1], steps=4, guidance=3.0, **kw)):
@@ -98,7 +99,7 @@ def test_cli_records_classifier_guidance_and_refuses_it_without_a_guide(tiny_if_
 
 @pytest.mark.parametrize("name", ["fashion", "digits"])
 def test_shipped_guides_know_noised_test_images(name):
-    guide = score.load_classifier(score.builtin_path(name, "guide"))
+    guide = shipped.load_classifier(builtin_path(name, "guide"))
     assert guide.config.noisy and guide.config.data == name
     assert guide.info["test_accuracy"] > 0.85 and guide.info["test_accuracy_t500"] > 0.5
 
@@ -110,6 +111,6 @@ def test_train_classifier_noisy_writes_a_guide(tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["train", "classifier", "--noisy", "--data", "fashion", "--root", str(tmp_path / "idx"),
                  "--epochs", "1", "--channels", "8,16", "--out", str(out)]) == 0
-    guide = score.load_classifier(out / "classifier.safetensors")
+    guide = shipped.load_classifier(out / "classifier.safetensors")
     assert guide.config.noisy and {"test_accuracy_t250", "test_accuracy_t750"} <= set(guide.info)
     assert "at t 500" in capsys.readouterr().out

@@ -7,11 +7,20 @@ import pytest
 import torch
 from PIL import Image
 
-from mirage.animate import illusion_animation, save_gif, save_mp4
 from mirage.errors import MirageError, UsageError
-from mirage.io import (atomic_write, contact_sheet, from_pil, load_image, read_settings, save_png, to_pil,
-                       unique_path, write_json)
-from mirage.views import parse_views
+from mirage.illusions.animate import illusion_animation, save_gif, save_mp4
+from mirage.illusions.views import parse_views
+from mirage.io import (
+    atomic_write,
+    contact_sheet,
+    from_pil,
+    load_image,
+    read_settings,
+    save_png,
+    to_pil,
+    unique_path,
+    write_json,
+)
 
 
 def picture(w, h, mode="RGB", seed=0):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from mirage import hub, memory
-from mirage.denoisers.base import Cond
-from mirage.denoisers.deepfloyd import load_stage
+from mirage.backends import hub, memory
+from mirage.backends.deepfloyd import load_stage
+from mirage.backends.memory import GiB, Plan, Sizes, choose_plan, leaner
+from mirage.backends.prompts import PromptEncoder
+from mirage.engine.denoiser import Cond
 from mirage.errors import MirageError, UsageError
-from mirage.memory import GiB, Plan, Sizes, choose_plan, leaner
-from mirage.prompts import PromptEncoder
 
 UNET_I = Sizes(weights=int(8.6e9), work=2 * GiB)  # IF-I-XL in fp16
 T5 = Sizes(weights=int(9.5e9), work=GiB // 2)  # T5 v1.1 XXL encoder in fp16

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mirage import hub, prompts
-from mirage.prompts import MAX_LENGTH, PromptEncoder, embed_command
+from mirage.backends import hub, prompts
+from mirage.backends.prompts import MAX_LENGTH, PromptEncoder, embed_command
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ from html import unescape
 
 import pytest
 
+from mirage.app.report import Block, Figure, Section, line_chart, render, write
 from mirage.errors import MirageError
-from mirage.report import Block, Figure, Section, line_chart, render, write
 
 
 def page(*figures, raw=""):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mirage.denoisers.base import Cond, Denoiser
-from mirage.denoisers.small import builtin_path, load_builtin, load_small
+from mirage.backends.small import builtin_path, load_builtin, load_small
+from mirage.engine.denoiser import Cond, Denoiser
 from mirage.errors import MirageError, UsageError
 
 
@@ -48,7 +48,7 @@ def test_call_returns_eps_and_no_variance(fashion):
 def test_denoises(fashion):
     """At a middle timestep the clean estimate of a noised model sample is much closer to it than the noisy
     image is: the weights do what a trained denoiser does (random weights fail this)."""
-    from mirage.tasks import sample
+    from mirage.engine.tasks import sample
 
     clean = sample(fashion, ["trouser", "sneaker"], [0, 1], steps=10, guidance=2.0)
     t = 400

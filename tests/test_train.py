@@ -16,12 +16,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mirage.app.main import main
+from mirage.backends.unet import UNet, model_config
 from mirage.errors import MirageError, UsageError
 from mirage.train import loop, runs
-from mirage.train.cli import main
-from mirage.train.data import (CLASS_NAMES, IDX_FILES, NPM_FILES, load_dataset, match_class, read_idx,
-                               write_idx)
-from mirage.train.unet import UNet, model_config
+from mirage.backends.classes import CLASS_NAMES, match_class
+from mirage.train.data import (
+    IDX_FILES,
+    NPM_FILES,
+    load_dataset,
+    read_idx,
+    write_idx,
+)
 
 TINY = ["--widths", "8,16,16", "--batch-size", "16", "--subset", "64", "--quiet"]
 
@@ -160,7 +166,7 @@ def test_ddpm_classes_run_folder(data_root, tmp_path):
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta["step"] == "8" and json.loads(meta["config"])["class_names"][9] == "Ankle boot"
-    from mirage.denoisers.small import load_small
+    from mirage.backends.small import load_small
     model = load_small(out / "model.safetensors")
     assert model.encode(["bag", ""]).embeds.tolist() == [8, -1]
 
@@ -199,7 +205,7 @@ def test_denoiser_run_writes_sigma_sheet(data_root, tmp_path):
     out = tmp_path / "den"
     assert run_cli("denoiser", "--root", str(data_root), "--epochs", "1", "--out", str(out), *TINY) == 0
     assert (out / "sigmas.png").is_file() and (out / "samples" / "epoch_001.png").is_file()
-    from mirage.denoisers.small import load_small
+    from mirage.backends.small import load_small
     with pytest.raises(MirageError, match="one-step denoiser"):
         load_small(out / "model.safetensors")
 
@@ -209,7 +215,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_root, tmp_path):
             "--seed", "3", *TINY]
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(loop.__file__).parents[2]))
-    proc = subprocess.Popen([sys.executable, "-m", "mirage.train.cli", "train", *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "mirage.app.train", "train", *args, "--out", str(killed)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (killed / runs.STATE).exists() and proc.poll() is None:

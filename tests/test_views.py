@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirage.errors import UsageError
-from mirage.views import VIEW_NAMES, make_view, parse_views
+from mirage.illusions.views import VIEW_NAMES, make_view, parse_views
 
 PERMUTATIONS = [n for n in VIEW_NAMES if n != "negate"]
 MOVING = [n for n in PERMUTATIONS if n != "identity"]

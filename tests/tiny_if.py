@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+from diffusers import (
+    DDPMScheduler,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 T5_DIM = 32  # d_model of the tiny T5 (4096 for T5 v1.1 XXL)

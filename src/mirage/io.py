@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 from torch import Tensor
 
-from .errors import MirageError, UsageError
+from mirage.errors import MirageError, UsageError
 
 log = logging.getLogger(__name__)
 

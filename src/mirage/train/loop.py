@@ -17,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import MirageError, UsageError
-from ..schedule import Schedule
-from . import runs
-from .data import CLASS_NAMES, canonical, load_dataset
-from .unet import UNet, model_config
+from mirage.backends.classes import CLASS_NAMES, canonical
+from mirage.backends.small import SmallUNet
+from mirage.backends.unet import UNet, model_config
+from mirage.engine.schedule import Schedule
+from mirage.engine.tasks import sample
+from mirage.errors import MirageError, UsageError
+from mirage.train import runs
+from mirage.train.data import load_dataset
 
 DENOISER_SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 GRAPH_WARMUP = 3  # eager steps before the capture (cuDNN's algorithm search, torch.compile)
@@ -308,8 +311,6 @@ class Trainer:
     def sample_grid(self):
         if self.cfg.kind == "denoiser":
             return runs.grid(self.denoise_rows([self.cfg.sigma]), rows=3)
-        from ..denoisers.small import SmallUNet
-        from ..tasks import sample
 
         model = SmallUNet(self.ema, self.cfg.model, name=self.run.name)
         names = self.cfg.model["class_names"]

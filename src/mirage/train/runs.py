@@ -24,8 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..denoisers.small import FORMAT
-from ..errors import MirageError, UsageError
+from mirage.backends.small import FORMAT
+from mirage.errors import MirageError, UsageError
 
 CONFIG, MODEL, STATE, METRICS, LOSS_PNG, GIF = (
     "config.json", "model.safetensors", "state.safetensors", "metrics.jsonl", "loss.png", "samples.gif")

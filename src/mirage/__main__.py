@@ -1,0 +1,5 @@
+import sys
+
+from mirage.app.main import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""The command line's shared arguments and their parsing: seeds, intervals, the options every task takes."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from mirage.errors import UsageError
+
+
+# ---- argument helpers ---------------------------------------------------------------------------
+def parse_seeds(text: str) -> list[int]:
+    """'0-7,12' -> [0, ..., 7, 12]."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise UsageError(f"--seeds takes numbers and ranges like 0-7,12, got {text!r}") from None
+    if not seeds:
+        raise UsageError("--seeds names no seed")
+    return seeds
+
+
+def parse_interval(text: str | None) -> tuple[int, int] | None:
+    """'150-850' -> (150, 850); 'none' -> None."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    lo, sep, hi = text.partition("-")
+    try:
+        interval = (int(lo), int(hi))
+    except ValueError:
+        interval = None
+    if not sep or interval is None or not 0 <= interval[0] <= interval[1]:
+        raise UsageError(f"--guidance-interval takes LO-HI timesteps with 0 <= LO <= HI, or none; got {text!r}")
+    return interval
+
+
+def seeds_of(args) -> list[int]:
+    if args.seeds:
+        return parse_seeds(args.seeds)
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    return list(range(args.seed, args.seed + args.n))
+
+
+def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> None:
+    g = p.add_argument_group("model and sampling")
+    g.add_argument("--model", default="fashion",
+                   help="built-in model (fashion, digits), a mirage .safetensors file, or an IF stage-I hub id "
+                        "or folder, e.g. DeepFloyd/IF-I-XL-v1.0 (default: fashion)")
+    g.add_argument("--upscaler", default="auto",
+                   help="IF stage-II hub id or folder, or none (default: DeepFloyd/IF-II-L-v1.0 after an IF "
+                        "model, none after a built-in one)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--memory", default="auto",
+                   help="memory plan for IF: auto, gpu, offload, blocks, cpu (default auto: from free VRAM/RAM)")
+    g.add_argument("--compile", action="store_true",
+                   help="IF on a GPU: torch.compile the UNets (about 1.5x faster; each new batch size compiles "
+                        "for 1-2 minutes the first time, cached after)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    g.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
+    g.add_argument("--seeds", help="explicit seeds, e.g. 0-7,12 (overrides --seed/--n)")
+    g.add_argument("--steps", type=int, help="denoising steps, spaced as diffusers does (default: 100 for IF and "
+                                             "built-in samples and hybrids, 30 for the other tasks of built-in models)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7 for IF; for built-in "
+                                                  "models 1.5 for samples, 5 for anagrams and hybrids, 2 for "
+                                                  "edits)")
+    g.add_argument("--guidance-interval", metavar="LO-HI",
+                   help="guide only at timesteps LO..HI, e.g. 150-850, or none (default: none for IF; 150-850 for "
+                        "built-in samples)")
+    g.add_argument("--classifier-guidance", type=float, metavar="S",
+                   help="built-in models: also steer each prompt with the data set's guide, a classifier of noisy "
+                        "images, at strength S; 0 = off (default: the strength the guide's file gives for the "
+                        "task, measured: fashion 300 for anagrams and hybrids, digits 100 for anagrams, else 0)")
+    g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
+    g.add_argument("--batch-size", type=int, default=0, help="images per model batch (default: all at once)")
+    s2 = p.add_argument_group("stage II (IF upscaler)")
+    s2.add_argument("--steps2", type=int, default=50, help="stage-II steps (default 50)")
+    s2.add_argument("--guidance2", type=float, default=4.0, help="stage-II guidance (default 4)")
+    s2.add_argument("--noise-level", type=int, default=250, help="stage-II noise level of the 64-px image")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="output folder (default: out/<command>); an existing, non-empty "
+                                               "folder gets a numbered sibling instead of being overwritten")
+    o.add_argument("--quiet", action="store_true", help="print only errors")
+
+
+# ---- commands ----------------------------------------------------------------------------------
+@dataclass
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    common: bool = True
+    aliases: Sequence[str] = field(default_factory=tuple)

@@ -1,0 +1,72 @@
+"""The `mirage` command. Exit codes: 0 done, 1 failure, 2 usage error; errors are one line, no traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from mirage import __version__
+from mirage.app import score, train
+from mirage.app.args import add_common
+from mirage.app.commands import COMMANDS
+from mirage.errors import MirageError, UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirage", description="Creative work with pixel-space diffusion "
+                                     "models: sampling, edits, inpainting, visual anagrams, hybrid images.")
+    parser.add_argument("--version", action="version", version=f"mirage {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.common:
+            add_common(p)
+        cmd.arguments(p)
+        p.set_defaults(func=cmd.handler)
+    train.register(sub)
+    score.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_libraries()
+    try:
+        return args.func(args) or 0
+    except UsageError as e:
+        print(f"mirage {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MirageError as e:
+        print(f"mirage {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mirage {args.command}: interrupted; finished images were kept", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if _is_oom(e):
+            print(f"mirage {args.command}: error: out of memory ({e.__class__.__name__}); try --memory offload, "
+                  f"a smaller --batch-size or --device cpu", file=sys.stderr)
+            return 1
+        if os.environ.get("MIRAGE_DEBUG"):
+            raise
+        print(f"mirage {args.command}: internal error: {e.__class__.__name__}: {e} "
+              f"(rerun with MIRAGE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _silence_libraries() -> None:
+    """--quiet: no loading bars or notices from the libraries underneath, only mirage's own errors. Set
+    through the environment, which they read when imported: importing them here would cost a built-in
+    model's run a second."""
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
+
+
+def _is_oom(e: Exception) -> bool:
+    return "out of memory" in str(e).lower() or e.__class__.__name__ == "OutOfMemoryError"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Text -> condition for DeepFloyd IF: T5 embeddings, computed once ever and cached on disk.
+
+T5 v1.1 XXL (4.8 B parameters) is as large as IF's UNet, so it is loaded alone, under a memory plan
+(memory.py: on the GPU, streamed through it layer by layer, in 8 bits or on the CPU), encodes every prompt
+of the run that is not cached yet in one go, and is freed before any UNet loads. Each embedding is kept in
+<cache>/embeds/<hash>.safetensors, keyed by the encoder's identity, its precision and the exact prompt; a
+cache hit never loads T5. The null prompt is "" and goes through T5 like any other, as diffusers does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mirage.backends import hub, memory
+
+MAX_LENGTH = 77  # IF's T5 was trained on 77 tokens (IFPipeline.encode_prompt)
+BATCH = 16  # prompts per T5 forward pass
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MIRAGE_CACHE") or "~/.cache/mirage").expanduser() / "embeds"
+
+
+def preprocess(prompt: str) -> str:
+    """What IFPipeline does to a prompt without clean_caption (its fallback when bs4/ftfy are missing)."""
+    return prompt.lower().strip()
+
+
+class PromptEncoder:
+    """T5 prompt embeddings [N, 77, D] from model `ref` (a stage-I hub id or folder: its text_encoder/),
+    with T5 placed by memory plan `memory` (memory.PLANS)."""
+
+    def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 cache_dir: str | Path | None = None, memory: str = "auto"):
+        self.ref = ref
+        self.memory = memory
+        self.device = torch.device(device)
+        self.dtype = dtype or hub.default_dtype(self.device)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._identity: str | None = None
+        self.plan: memory.Plan | None = None  # the plan T5 last ran under
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        found = {p: self._read(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, e in found.items() if e is None]
+        if missing:
+            for prompt, embeds in zip(missing, self._run_t5(missing)):
+                self._write(prompt, embeds)
+                found[prompt] = embeds
+        return torch.stack([found[p] for p in prompts]).to(self.device, self.dtype)
+
+    def is_cached(self, prompt: str) -> bool:
+        return self._read(prompt) is not None
+
+    # ---- T5, loaded alone and freed ---------------------------------------------------------------
+    def _run_t5(self, prompts: list[str]) -> list[Tensor]:
+        folder = hub.resolve(self.ref, hub.TEXT_PARTS, self.dtype)
+        sizes = hub.text_sizes(folder, self.dtype)
+        plan = memory.plan_for(self.memory, self.device, sizes)
+        while True:
+            try:
+                self.plan = plan
+                return self._run_t5_as(plan, folder, prompts)
+            except torch.OutOfMemoryError:
+                pass  # leave the except block first: its traceback holds the failed attempt's tensors
+            hub.release(self.device)
+            plan = memory.fall_back(plan, sizes.weights, "T5")
+
+    def _run_t5_as(self, plan: memory.Plan, folder: Path, prompts: list[str]) -> list[Tensor]:
+        tokenizer, model = hub.load_text_encoder(folder, memory.compute_device(plan, self.device), self.dtype, plan)
+        try:
+            out = []
+            for i in range(0, len(prompts), BATCH):
+                out += list(_embed(tokenizer, model, [preprocess(p) for p in prompts[i:i + BATCH]]).cpu())
+            return out
+        finally:
+            del tokenizer, model
+            hub.release(self.device)
+
+    # ---- the cache --------------------------------------------------------------------------------
+    def _key(self, prompt: str) -> tuple[Path, dict[str, str]]:
+        if self._identity is None:
+            self._identity = hub.identity(self.ref, hub.TEXT_PARTS)
+        meta = {"encoder": self._identity, "dtype": str(self.dtype).removeprefix("torch."),
+                "max_length": str(MAX_LENGTH), "prompt": prompt}
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+        return self.cache_dir / f"{digest[:40]}.safetensors", meta
+
+    def _read(self, prompt: str) -> Tensor | None:
+        path, meta = self._key(prompt)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                if f.metadata() != meta:  # a hash collision or a foreign file: encode again
+                    return None
+            return load_file(path)["embeds"]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is a miss, it will be rewritten
+            return None
+
+    def _write(self, prompt: str, embeds: Tensor) -> None:
+        path, meta = self._key(prompt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"embeds": embeds.contiguous()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+@torch.no_grad()
+def _embed(tokenizer, model, texts: list[str]) -> Tensor:
+    """Tokenize and encode as IFPipeline.encode_prompt does: padded to 77, truncated, with the mask."""
+    tokens = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    for text, n in zip(texts, tokenizer(texts, padding="longest", return_tensors="pt").attention_mask.sum(1)):
+        if n > MAX_LENGTH:
+            warnings.warn(f"prompt {text[:40]!r}... is longer than {MAX_LENGTH} tokens; the rest is ignored")
+    device = model.device
+    return model(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
+
+
+def embed_command(args) -> int:
+    """`mirage embed "p1" "p2" --model M [--device auto|cpu|cuda]`: encode prompts into the cache ahead of time,
+    in the precision `mirage sample` will use on that device."""
+    device = getattr(args, "device", None) or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = PromptEncoder(args.model, device)
+    cached = sum(encoder.is_cached(p) for p in dict.fromkeys(args.prompts))
+    encoder.encode(list(args.prompts))
+    print(f"{len(set(args.prompts)) - cached} prompt(s) encoded, {cached} already cached, in {encoder.cache_dir}")
+    return 0

@@ -1,0 +1,156 @@
+"""Every task as a short composition over the one loop: which terms, where to start, what to keep fixed.
+
+All functions take a `Denoiser` and per-image seeds and return images in [-1, 1] at the model's resolution,
+[n, C, H, W]. Passing `low_res` runs a super-resolution stage (IF stage II) conditioned on those images,
+with the same views and components as the stage before.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mirage.engine.combine import Term, estimate
+from mirage.engine.denoiser import Denoiser
+from mirage.engine.sample import Noise, diffuse, validate
+from mirage.engine.schedule import CLEAN, Schedule, ddpm_step
+from mirage.errors import UsageError
+from mirage.illusions.filters import SIGMA, make_components
+
+Prompt = str | Sequence[str]  # one prompt for every image, or one per image
+Filter = Callable[[Tensor], Tensor]
+
+
+def make_terms(model: Denoiser, prompts: Sequence[Prompt], n: int, views: Sequence | None = None,
+               components: Sequence[Filter] | None = None, guided: bool = True,
+               sees: Sequence[Filter | None] | None = None) -> list[Term]:
+    """One term per prompt; all prompts (and the null prompt "") are encoded in one call."""
+    per_term = [[p] * n if isinstance(p, str) else list(p) for p in prompts]
+    if any(len(p) != n for p in per_term):
+        raise UsageError(f"give one prompt for all images or exactly one per image ({n})")
+    if views is not None and len(views) != len(prompts):
+        raise UsageError(f"{len(views)} views need {len(views)} prompts, got {len(prompts)}")
+    if components is not None and len(components) != len(prompts):
+        raise UsageError(f"{len(components)} components need {len(components)} prompts, got {len(prompts)}")
+    unique = sorted({p for ps in per_term for p in ps} | {""})
+    encoded = model.encode(unique)
+    null = encoded.take([unique.index("")] * n) if guided else None
+    return [Term(cond=encoded.take([unique.index(p) for p in ps]), uncond=null,
+                 view=None if views is None else views[k],
+                 component=None if components is None else components[k], sees=None if sees is None else sees[k])
+            for k, ps in enumerate(per_term)]
+
+
+def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *, steps: int | None = None,
+             timesteps: Sequence[int] | None = None, guidance: float = 7.0,
+             guidance_interval: tuple[int, int] | None = None, views: Sequence | None = None,
+             components: Sequence[Filter] | None = None, sees: Sequence[Filter | None] | None = None,
+             reduce: str = "mean", init: Tensor | None = None, start: int = 0,
+             keep: tuple[Filter, Tensor] | None = None, low_res: Tensor | None = None, noise_level: int = 250,
+             step=ddpm_step, resample: int = 1, guide=None, callback=None, progress: bool = False) -> Tensor:
+    """The general task: start from noise (or from `init` noised to timesteps[start]: SDEdit), guide by the
+    terms, and optionally keep the part `keep = (F, reference)` of the image equal to the reference's
+    (x <- x - F(x) + F(q(reference, t)): inpainting, or a hybrid component taken from a photo). A `guide`
+    (guide.Guide) adds classifier guidance; `sees` says through what it reads each prompt."""
+    validate(steps=steps, guidance=guidance)
+    timesteps = list(timesteps) if timesteps is not None else model.schedule.timesteps(steps or 50)
+    if not 0 <= start < len(timesteps):
+        raise UsageError(f"start index {start} is out of range: use 0 to {len(timesteps) - 1}")
+    noise = Noise(seeds, device=model.device)
+    shape = (model.channels, model.size, model.size)
+    x = noise.draw(shape)  # drawn first in every case, as diffusers' pipelines do
+    if init is not None:
+        x = model.schedule.forward(_to_batch(init, len(noise), shape, "init"), timesteps[start], x)
+    terms = make_terms(model, prompts, len(noise), views, components, guided=guidance != 1, sees=sees)
+    if low_res is not None:
+        terms = _condition_on(model, terms, low_res, noise, noise_level)
+    constrain = None
+    if keep is not None:
+        filt, ref = keep
+        constrain = project(model.schedule, filt, _to_batch(ref, len(noise), shape, "reference"), noise)
+    return diffuse(model, x, terms, noise, timesteps[start:], guidance=guidance,
+                   guidance_interval=guidance_interval, reduce=reduce, step=step, constrain=constrain,
+                   resample=resample, guide=guide, callback=callback, progress=progress)
+
+
+def project(schedule: Schedule, filt: Filter, reference: Tensor, noise: Noise):
+    """A constraint keeping filt(x_t) equal to filt of the reference noised to the same t."""
+    def constrain(x: Tensor, t: int) -> Tensor:
+        ref_t = reference if t == CLEAN else schedule.forward(reference, t, noise.draw(x.shape[1:]))
+        return x - filt(x) + filt(ref_t)
+    return constrain
+
+
+def _to_batch(image: Tensor, n: int, shape: tuple, what: str) -> Tensor:
+    if tuple(image.shape[1:]) != tuple(shape):
+        raise UsageError(f"the {what} image is {tuple(image.shape[1:])} but the model works at {tuple(shape)}")
+    return image.expand(n, *shape) if image.shape[0] == 1 else image
+
+
+def _condition_on(model: Denoiser, terms: list[Term], low_res: Tensor, noise: Noise, level: int) -> list[Term]:
+    if not hasattr(model, "noised_condition"):
+        raise UsageError("this model is not a super-resolution model: it takes no low-resolution image")
+    shape = (low_res.shape[1], model.size, model.size)
+    image, levels = model.noised_condition(low_res.to(noise.device), noise.draw(shape), level)
+    return [replace(term, cond=term.cond.with_image(image, levels),
+                    uncond=None if term.uncond is None else term.uncond.with_image(image, levels))
+            for term in terms]
+
+
+# ---- named tasks: each one line over `generate` -------------------------------------------------
+def sample(model: Denoiser, prompt: Prompt, seeds: Sequence[int], **kw) -> Tensor:
+    return generate(model, seeds, [prompt], **kw)
+
+
+def edit(model: Denoiser, image: Tensor, prompt: Prompt, seeds: Sequence[int], start: int, **kw) -> Tensor:
+    """SDEdit / text-guided image-to-image: noise the image to timesteps[start], then denoise."""
+    return generate(model, seeds, [prompt], init=image, start=start, **kw)
+
+
+def inpaint(model: Denoiser, image: Tensor, mask: Tensor, prompt: Prompt, seeds: Sequence[int], **kw) -> Tensor:
+    """Regenerate where mask = 1, keep the image exactly where mask = 0 (RePaint with `resample` > 1)."""
+    mask = mask.to(image)
+    return generate(model, seeds, [prompt], keep=(lambda x: (1 - mask) * x, image), **kw)
+
+
+def anagram(model: Denoiser, prompts: Sequence[Prompt], views: Sequence, seeds: Sequence[int], **kw) -> Tensor:
+    """Visual anagram: view i of the result shows prompt i (views from views.make_view)."""
+    if len(prompts) < 2:
+        raise UsageError("an anagram needs at least two prompts, one per view")
+    return generate(model, seeds, prompts, views=views, **kw)
+
+
+def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kind: str = "lowhigh",
+           image: Tensor | None = None, image_component: int | None = None, sigma: float = SIGMA,
+           **kw) -> Tensor:
+    """Factorized diffusion: component i of the result (low/high pass, gray/color, ...) shows prompt i.
+
+    With `image`, component `image_component` is taken from that image instead (its prompt is ignored):
+    a photo as the low pass of a hybrid, or a grayscale photo colorized. `sigma` (given at 64 px) splits low
+    from high. Component i is seen in the sum of components 0..i: the low prompt blurred (from afar), the
+    high one in the whole image; a guide reads each prompt there.
+    """
+    components = make_components(kind, model.size, sigma)
+    if len(prompts) != len(components):
+        raise UsageError(f"a {kind!r} hybrid needs {len(components)} prompts, got {len(prompts)}")
+    keep = None
+    if image is not None:
+        keep = (components[image_component], image)
+    sees = [_partial_sum(components[:i + 1]) for i in range(len(components) - 1)] + [None]
+    return generate(model, seeds, prompts, components=components, sees=sees, reduce="sum", keep=keep, **kw)
+
+
+def _partial_sum(parts: Sequence[Filter]) -> Filter:
+    return lambda x: sum(part(x) for part in parts)
+
+
+def one_step(model: Denoiser, noisy: Tensor, t: int, prompt: str = "", guidance: float = 1.0) -> Tensor:
+    """The clean image one noise estimate implies (course 1.4)."""
+    n = noisy.shape[0]
+
+    terms = make_terms(model, [prompt], n, guided=guidance != 1)
+    with torch.inference_mode():
+        eps, _ = estimate(model, noisy.to(model.device), t, terms, guidance)
+    return model.schedule.x0_from_eps(noisy.to(model.device), t, eps)
