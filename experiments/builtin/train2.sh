@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Second session: pick the fastest layout and batch size, retrain `fashion` within the same ~27 s budget,
 # and measure issue 4's quality targets for every candidate on the GPU (bench/small_quality.py) with the
-# scoring classifiers in .data/. Usage: bash src/mirage/builtin/train2.sh OUT
+# scoring classifiers in .data/. Usage: bash experiments/builtin/train2.sh OUT
 set -uo pipefail
 OUT=${1:?usage: train2.sh OUT}
 export PYTHONPATH=src

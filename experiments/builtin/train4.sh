@@ -3,7 +3,7 @@
 # torch.compile and a larger batch should fit more epochs into the same ~27 s of training steps. Probes the
 # compiled throughput at batch 1024, trains `fashion` for the epochs that fit, and scores it as
 # bench/pick_quality.sh scored the shipped one (shipped classifier and the independent judge in .data/).
-# Usage (GPU, repository root, data in .data/): bash src/mirage/builtin/train4.sh OUT
+# Usage (GPU, repository root, data in .data/): bash experiments/builtin/train4.sh OUT
 set -uo pipefail
 OUT=${1:?usage: train4.sh OUT}
 export PYTHONPATH=src PYTHONUNBUFFERED=1

@@ -1,11 +1,9 @@
 """A small CNN that tells the classes of a 28-px data set apart: what `mirage score` measures samples with
 (class accuracy, Fréchet distance in its feature space, whether each view of an illusion shows its prompt).
 Trained `--noisy`, it is a guide instead: it reads images noised as a diffusion model sees them (classifier
-guidance, mirage/guide.py).
-
-`mirage train classifier --data fashion|digits --out RUN_DIR` trains one on a CPU in a few minutes and writes
-RUN_DIR/classifier.safetensors: the weights, the test set's feature statistics (so scoring needs no data set)
-and, in the metadata, the config, the test accuracy and the reference Fréchet distance.
+guidance, engine/guide.py). A file holds the weights and the test set's feature statistics (so scoring needs
+no data set), with the config, test accuracy and reference Fréchet distance in its metadata; the shipped
+ones, one of each per built-in data set, are in mirage/builtin/.
 """
 from __future__ import annotations
 

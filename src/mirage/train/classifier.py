@@ -1,11 +1,8 @@
-"""Training the small CNN (quality.classifier) that tells the classes of a 28-px data set apart: what `mirage score` measures samples with
-(class accuracy, Fréchet distance in its feature space, whether each view of an illusion shows its prompt).
-Trained `--noisy`, it is a guide instead: it reads images noised as a diffusion model sees them (classifier
-guidance, mirage/guide.py).
+"""Training the classifiers and guides of quality.classifier.
 
-`mirage train classifier --data fashion|digits --out RUN_DIR` trains one on a CPU in a few minutes and writes
-RUN_DIR/classifier.safetensors: the weights, the test set's feature statistics (so scoring needs no data set)
-and, in the metadata, the config, the test accuracy and the reference Fréchet distance.
+`mirage train classifier --data fashion|digits --out RUN_DIR [--noisy]` trains one on a CPU in a few minutes
+and writes RUN_DIR/classifier.safetensors; `measure` fills in its test accuracy, the test set's feature
+statistics and the reference Fréchet distance (1000 real training images against the test set).
 """
 from __future__ import annotations
 
