@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mirage.backends import hub, memory
+from mirage.backends.memory import check_plan
 from mirage.backends.prompts import PromptEncoder
 from mirage.engine.denoiser import Cond
 from mirage.engine.schedule import Schedule
 from mirage.errors import MirageError, UsageError
 
-MEMORY_PLANS = memory.PLANS
 
 
 # torch.compile's default mode fuses the UNets' elementwise work (40 % of stage I's GPU time at batch 4) into
@@ -36,8 +36,7 @@ def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype 
                compile: bool = False):
     """IFStage or IFUpscaler, whichever `ref` is: stage II's UNet takes more channels than it denoises
     (the upscaled low-res image is concatenated to its input)."""
-    if memory not in MEMORY_PLANS:
-        raise UsageError(f"memory plan {memory!r} is not available; use one of {', '.join(MEMORY_PLANS)}")
+    check_plan(memory)
     dtype = dtype or hub.default_dtype(device)
     folder = hub.resolve(ref, (hub.UNET, hub.SCHEDULER), dtype)
     sched_cfg = hub.read_config(folder, hub.SCHEDULER)
@@ -71,8 +70,7 @@ class IFStage:
         if self.is_upscaler != isinstance(self, IFUpscaler):
             raise MirageError(f"{ref} is an IF stage-{'II upscaler' if self.is_upscaler else 'I'} model; "
                               f"pass it as {'--upscaler' if self.is_upscaler else '--model'}")
-        if memory not in MEMORY_PLANS:
-            raise UsageError(f"memory plan {memory!r} is not available; use one of {', '.join(MEMORY_PLANS)}")
+        check_plan(memory)
         self.memory = memory
         self.text = PromptEncoder(text_encoder or ref, self._device, self._dtype, cache_dir, memory)
         self.plan: memory.Plan | None = None
@@ -116,13 +114,7 @@ class IFStage:
         if self._unet is None:
             if self.plan is None:
                 self.plan = memory.plan_for(self.memory, self._device, self.sizes())
-            while True:
-                try:
-                    self._unet = self._load(self.plan)
-                    break
-                except torch.OutOfMemoryError:
-                    pass  # leave the except block first: its traceback holds the failed attempt's tensors
-                self._lean()
+            self._unet = memory.until_it_fits(lambda: self._load(self.plan), self._lean)
         return self._unet
 
     def _load(self, plan: memory.Plan):
@@ -162,14 +154,7 @@ class IFStage:
     def __call__(self, x: Tensor, t: int, cond: Cond) -> tuple[Tensor, Tensor | None]:
         if self.is_upscaler and (cond.image is None or cond.level is None):
             raise ValueError("IF stage II needs cond.image and cond.level (from noised_condition)")
-        while True:
-            try:
-                out = self._forward(x, t, cond)
-                break
-            except torch.OutOfMemoryError:
-                pass  # leave the except block first: its traceback holds the failed call's tensors
-            self._lean()
-        out = out.float().to(x.device)
+        out = memory.until_it_fits(lambda: self._forward(x, t, cond), self._lean).float().to(x.device)
         if not self.learned_variance:
             return out, None
         eps, var = out.split(self.channels, dim=1)

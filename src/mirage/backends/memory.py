@@ -32,14 +32,15 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from mirage.errors import MirageError
+from mirage.errors import MirageError, UsageError
 
 GiB = 2**30
+T = TypeVar("T")
 MIN_RESIDENT = GiB // 2  # less than this on the GPU and streaming costs more than computing on the CPU
 RAM_MARGIN = GiB  # RAM left for Python, torch and the images when deciding what fits
 PLANS = ("auto", "gpu", "offload", "blocks", "cpu")  # what --memory accepts (8bit is T5's, chosen by auto)
@@ -98,10 +99,26 @@ def fall_back(plan: Plan, weights: int, what: str) -> Plan:
     return new
 
 
+def check_plan(memory: str) -> None:
+    """A plan name `--memory` accepts, or a usage error listing them."""
+    if memory not in PLANS:
+        raise UsageError(f"memory plan {memory!r} is not available; use one of {', '.join(PLANS)}")
+
+
+def until_it_fits(attempt: Callable[[], T], lean: Callable[[], None]) -> T:
+    """attempt() again until it runs without a CUDA out-of-memory error, calling lean() after each one
+    outside the except block, whose traceback still holds the failed attempt's tensors."""
+    while True:
+        try:
+            return attempt()
+        except torch.OutOfMemoryError:
+            pass
+        lean()
+
+
 def plan_for(memory: str, device: torch.device, sizes: Sizes) -> Plan:
     """The plan `--memory` names (auto: choose_plan from what is free now) for a model of `sizes`."""
-    if memory not in PLANS:
-        raise MirageError(f"memory plan {memory!r} is not available; use one of {', '.join(PLANS)}")
+    check_plan(memory)
     cuda = device.type == "cuda"
     if memory == "auto":
         return choose_plan(vram_free(device), ram_free(), sizes) if cuda else Plan("cpu")

@@ -64,15 +64,13 @@ class PromptEncoder:
     def _run_t5(self, prompts: list[str]) -> list[Tensor]:
         folder = hub.resolve(self.ref, hub.TEXT_PARTS, self.dtype)
         sizes = hub.text_sizes(folder, self.dtype)
-        plan = memory.plan_for(self.memory, self.device, sizes)
-        while True:
-            try:
-                self.plan = plan
-                return self._run_t5_as(plan, folder, prompts)
-            except torch.OutOfMemoryError:
-                pass  # leave the except block first: its traceback holds the failed attempt's tensors
+        self.plan = memory.plan_for(self.memory, self.device, sizes)
+
+        def lean() -> None:
             hub.release(self.device)
-            plan = memory.fall_back(plan, sizes.weights, "T5")
+            self.plan = memory.fall_back(self.plan, sizes.weights, "T5")
+
+        return memory.until_it_fits(lambda: self._run_t5_as(self.plan, folder, prompts), lean)
 
     def _run_t5_as(self, plan: memory.Plan, folder: Path, prompts: list[str]) -> list[Tensor]:
         tokenizer, model = hub.load_text_encoder(folder, memory.compute_device(plan, self.device), self.dtype, plan)
