@@ -99,19 +99,22 @@ def _rest(*parts: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda x: x - sum(p(x) for p in parts)
 
 
-def _kinds(size: int, sigma: float) -> dict[str, list[tuple[str, Callable]]]:
+# each factorization's components, in order: the names prompts are given under (`mirage hybrid --low ...`)
+PARTS = {"lowhigh": ("low", "high"), "lowmidhigh": ("low", "mid", "high"), "graycolor": ("gray", "color"),
+         "motion": ("motion", "still")}
+KINDS = tuple(PARTS)
+
+
+def _kinds(size: int, sigma: float) -> dict[str, list[Callable]]:
     low = lowpass(size, sigma)
     fine, coarse = (lowpass(size, s) for s in BAND_SIGMAS)
     blur = motion_blur(size)
     return {
-        "lowhigh": [("low", low), ("high", _rest(low))],
-        "lowmidhigh": [("low", coarse), ("mid", lambda x: fine(x) - coarse(x)), ("high", _rest(fine))],
-        "graycolor": [("gray", grayscale), ("color", _rest(grayscale))],
-        "motion": [("motion", blur), ("still", _rest(blur))],
+        "lowhigh": [low, _rest(low)],
+        "lowmidhigh": [coarse, lambda x: fine(x) - coarse(x), _rest(fine)],
+        "graycolor": [grayscale, _rest(grayscale)],
+        "motion": [blur, _rest(blur)],
     }
-
-
-KINDS = ("lowhigh", "lowmidhigh", "graycolor", "motion")
 
 
 def make_components(kind: str, size: int, sigma: float = SIGMA) -> list[Component]:
@@ -121,4 +124,4 @@ def make_components(kind: str, size: int, sigma: float = SIGMA) -> list[Componen
         raise UsageError(f"unknown hybrid kind {kind!r}; choose one of: {', '.join(KINDS)}")
     if not sigma > 0:
         raise UsageError(f"--sigma must be a number > 0, got {sigma}")
-    return [Component(name, fn, size) for name, fn in _kinds(size, sigma)[kind]]
+    return [Component(name, fn, size) for name, fn in zip(PARTS[kind], _kinds(size, sigma)[kind])]
