@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mirage import __version__
 from mirage.app import demo
 from mirage.app.args import Command, parse_interval, seeds_of
 from mirage.app.defaults import SMALL_DEFAULTS, task_defaults
@@ -42,6 +43,7 @@ class Job:
     sheet: Callable | None = None  # (images, items, job) -> the contact sheet (a picture)
     views: list | None = None  # the illusion's views, for its sheet and animation
     checks: Callable | None = None  # size -> (prompts, maps): map i of an image should show prompt i (--pick)
+    timesteps: Callable | None = None  # model -> stage I's timesteps where --steps' spacing is not used
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------
@@ -65,10 +67,15 @@ def execute(args, job: Job) -> int:
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     ranked = getattr(args, "pick", "none") == "best"
     classifier, tries = _checker(args, job, model, ranked, defaults["tries"])
-    out = RunDir(args.out, job.task, command=shlex.join(["mirage", *sys.argv[1:]]))
+    out = RunDir(args.out, job.task, command=shlex.join(["mirage", *args.argv]))
+
+    # the timesteps that run, resolved once: what every image is made with and what its record says
+    timesteps = job.timesteps(model) if job.timesteps else model.schedule.timesteps(stage1["steps"])
+    stage1 = dict(stage1, steps=len(timesteps), timesteps=timesteps)
 
     def make(items):
-        return _batched(job.run, model, items, args, step=step, guide=guide, progress=not args.quiet, **stage1)
+        return _batched(job.run, model, items, args, step=step, guide=guide, progress=not args.quiet,
+                        **dict(stage1, steps=None))
 
     def judge(images, _items):
         prompts, maps = job.checks(images.shape[-1])
@@ -100,7 +107,8 @@ def execute(args, job: Job) -> int:
             low = low[order]
         items = [dict(items[k], score=round(float(scores[k]), 4), right=bool(right[k]),
                       **({"rank": r + 1} if ranked else {})) for r, k in enumerate(order.tolist())]
-    settings = dict(task=job.task, sampler=args.sampler, stages=stages, **job.settings,
+    settings = dict(task=job.task, mirage=__version__, argv=args.argv, sampler=args.sampler,
+                    **(dict(eta=args.eta) if args.sampler == "ddim" else {}), stages=stages, **job.settings,
                     **(dict(classifier_guidance=guide.scale) if guide is not None else {}),
                     **(dict(tries=tries, confidence=confidence) if classifier is not None else {}))
     for k, item in enumerate(items):
@@ -274,14 +282,13 @@ def edit_cmd(args) -> int:
         out = torch.empty(len(items), model.channels, model.size, model.size)
         for start in sorted({item["start"] for item in items}):
             idx = [k for k, item in enumerate(items) if item["start"] == start]
-            stage = dict(stage, steps=None, timesteps=_timesteps(model, args))
             out[idx] = tasks.edit(model, image_for(model, args), prompt, [items[k]["seed"] for k in idx],
                                   start=start, **stage).float().cpu()
         return out
 
     items = [dict(seed=s, start=i) for s in seeds_of(args) for i in starts]
     return execute(args, Job("edit", items, run, settings=dict(prompt=prompt, image=args.image),
-                             sheet=_series_sheet))
+                             sheet=_series_sheet, timesteps=lambda model: _timesteps(model, args)))
 
 
 def inpaint_args(p):
@@ -424,8 +431,8 @@ def denoise_cmd(args) -> int:
                          (to_pil(tasks.one_step(model, start_noisy, ts[args.i_start], prompt, guidance)[0]),
                           "one-step"),
                          (to_pil(gaussian_blur(start_noisy, **blur)[0]), "blur")])
-    out = RunDir(args.out, "denoise", command=shlex.join(["mirage", *sys.argv[1:]]))
-    settings = dict(task="denoise", model=args.model, prompt=prompt, guidance=guidance, levels=levels,
+    out = RunDir(args.out, "denoise", command=shlex.join(["mirage", *args.argv]))
+    settings = dict(task="denoise", mirage=__version__, argv=args.argv, model=args.model, prompt=prompt, guidance=guidance, levels=levels,
                     i_start=args.i_start, timesteps=ts, image=args.image, seed=seed)
     out.add(dict(settings, file=out.save_image("denoised.png", final[0], settings)))
     save_sheet(out, contact_sheet(rows, title=f"denoising study: {args.image}"), "sheet.png")

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from mirage import __version__
-from mirage.app import score, train
+from mirage.app import again, score, train
 from mirage.app.args import add_common
 from mirage.app.commands import COMMANDS
 from mirage.errors import MirageError, UsageError
@@ -26,12 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd.handler)
     train.register(sub)
     score.register(sub)
+    p = sub.add_parser("again", help="make a recorded result again: an image, or a whole run",
+                       description=again.__doc__.splitlines()[0])
+    again.add_arguments(p)
+    p.set_defaults(func=_again)
     return parser
+
+
+def _again(args) -> int:
+    return main(again.again_argv(args.source, args.out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what this run records, so that `mirage again` can make it again
     if getattr(args, "quiet", False):
         _silence_libraries()
     try:
