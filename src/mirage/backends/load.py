@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from mirage.backends.deepfloyd import load_stage
-from mirage.backends.small import load_builtin, load_small
+from mirage.backends.small import BUILTIN, load_builtin, load_small
 from mirage.engine.denoiser import Denoiser
 
-BUILTIN = ("fashion", "digits")
 DEFAULT_UPSCALER = "DeepFloyd/IF-II-L-v1.0"
 
 
