@@ -12,14 +12,20 @@ from mirage.errors import UsageError
 def parse_seeds(text: str) -> list[int]:
     """'0-7,12' -> [0, ..., 7, 12]."""
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise UsageError(f"--seeds takes numbers and ranges like 0-7,12, got {text!r}") from None
-    if not seeds:
-        raise UsageError("--seeds names no seed")
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise UsageError(f"--seeds takes numbers and ranges like 0-7,12, got {text!r}") from None
+        if last < first:
+            raise UsageError(f"--seeds range {part.strip()} runs backwards: write {last}-{first}")
+        if first < 0:
+            raise UsageError(f"--seeds must be >= 0, got {first}")
+        seeds.extend(range(first, last + 1))
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1}) if len(seeds) < 10_000 else []
+    if repeated:
+        raise UsageError(f"--seeds names seed {repeated[0]} more than once: each seed makes one image")
     return seeds
 
 

@@ -2,6 +2,7 @@
 pipeline that loads the models, runs stage I then stage II, and writes images, sheets and result.json."""
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from mirage.app.defaults import SMALL_DEFAULTS, task_defaults
 from mirage.app.rundir import RunDir
 from mirage.backends import deepfloyd, prompts
 from mirage.backends.load import is_small, load_model, load_upscaler, resolve_device
+from mirage.backends.memory import check_plan
 from mirage.engine import tasks
 from mirage.engine.guide import Guide, check_strength, for_task
 from mirage.engine.sample import Noise, validate
@@ -61,13 +63,16 @@ def execute(args, job: Job) -> int:
         raise UsageError(f"--confidence is a probability below 1, got {confidence}")
     if args.classifier_guidance is not None:
         check_strength(args.classifier_guidance)
+    check_plan(args.memory)  # for every model: a built-in one must not take a plan it ignores silently
+    if not 0 <= args.eta <= 1:  # also rejects NaN
+        raise UsageError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
+    out = RunDir(args.out, job.task, command=shlex.join(["mirage", *args.argv]))
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.memory, args.compile)
     guide = _guide(args, model, job.task)
     step = ddpm_step if args.sampler == "ddpm" else (lambda *a: ddim_step(*a, eta=args.eta))
     ranked = getattr(args, "pick", "none") == "best"
     classifier, tries = _checker(args, job, model, ranked, defaults["tries"])
-    out = RunDir(args.out, job.task, command=shlex.join(["mirage", *args.argv]))
 
     # the timesteps that run, resolved once: what every image is made with and what its record says
     timesteps = job.timesteps(model) if job.timesteps else model.schedule.timesteps(stage1["steps"])
@@ -274,6 +279,8 @@ def edit_cmd(args) -> int:
         starts = [int(v) for v in args.start.split(",")]
     except ValueError:
         raise UsageError(f"--start takes comma-separated whole numbers, got {args.start!r}") from None
+    if len(set(starts)) < len(starts):
+        raise UsageError(f"--start names a start step more than once ({args.start}): each makes one image")
     prompt = _prompt(args)
 
     def run(model, items, low_res=None, **stage):
@@ -378,6 +385,8 @@ def hybrid_cmd(args) -> int:
     if missing:
         raise UsageError(f"a {args.kind} hybrid needs {' and '.join(missing)}")
     sigma = args.sigma if args.sigma is not None else task_defaults(is_small(args.model), "hybrid")["sigma"]
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UsageError(f"--sigma must be a finite positive number, got {sigma}")
 
     def run(model, items, **stage):
         kw = {}
@@ -402,6 +411,7 @@ def denoise_args(p):
 
 
 def denoise_cmd(args) -> int:
+    out = RunDir(args.out, "denoise", command=shlex.join(["mirage", *args.argv]))
     model = load_model(args.model, resolve_device(args.device), args.memory)
     T = model.schedule.num_train_timesteps
     try:
@@ -431,7 +441,6 @@ def denoise_cmd(args) -> int:
                          (to_pil(tasks.one_step(model, start_noisy, ts[args.i_start], prompt, guidance)[0]),
                           "one-step"),
                          (to_pil(gaussian_blur(start_noisy, **blur)[0]), "blur")])
-    out = RunDir(args.out, "denoise", command=shlex.join(["mirage", *args.argv]))
     settings = dict(task="denoise", mirage=__version__, argv=args.argv, model=args.model, prompt=prompt, guidance=guidance, levels=levels,
                     i_start=args.i_start, timesteps=ts, image=args.image, seed=seed)
     out.add(dict(settings, file=out.save_image("denoised.png", final[0], settings)))

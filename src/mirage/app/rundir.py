@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from mirage.errors import UsageError
+from mirage.errors import MirageError, UsageError
 from mirage.io import save_png, write_json
 
 
@@ -21,11 +22,29 @@ def free_folder(out: str | Path) -> Path:
     return candidate
 
 
+def _check_writable(folder: Path) -> None:
+    """Before any model work: a folder that cannot be written fails at once, not after the run. What the
+    check creates it removes again, so that a run that fails later leaves no empty folder."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".mirage-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise MirageError(f"cannot write to {folder}: {e.strerror or e}") from None
+    finally:
+        for p in made:  # deepest first
+            if p.is_dir():
+                p.rmdir()
+
+
 class RunDir:
     """Everything one command writes. Each file is written atomically; result.json is written last."""
 
     def __init__(self, out: str | Path | None, task: str, command: str = ""):
         self.path = free_folder(out or Path("out") / task)
+        _check_writable(self.path)
         self.task, self.command = task, command
         self.entries: list[dict] = []
         self.extras: dict = {}

@@ -22,8 +22,6 @@ from mirage.engine.denoiser import Cond
 from mirage.engine.schedule import Schedule
 from mirage.errors import MirageError, UsageError
 
-
-
 # torch.compile's default mode fuses the UNets' elementwise work (40 % of stage I's GPU time at batch 4) into
 # the convolutions' neighbours: on an H100 (bench/if_profile.py) stage I at batch 4 goes from 43.9 to 32.2 ms,
 # at batch 16 from 40 % to 60 % of peak, stage II at batch 4 from 66.5 to 38.2 ms; each new batch shape

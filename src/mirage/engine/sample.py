@@ -7,6 +7,7 @@ batch, and the same image diffusers' IF pipelines make with `torch.Generator("cp
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -47,8 +48,8 @@ class Noise:
 def validate(steps: int | None = None, guidance: float | None = None) -> None:
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise UsageError(f"--steps must be a positive whole number, got {steps!r}")
-    if guidance is not None and not (guidance >= 0):  # also rejects NaN
-        raise UsageError(f"--guidance must be a number >= 0, got {guidance!r}")
+    if guidance is not None and not (0 <= guidance < math.inf):  # also rejects NaN
+        raise UsageError(f"--guidance must be a finite number >= 0, got {guidance!r}")
 
 
 @torch.inference_mode()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mirage.errors import UsageError
+
 CLEAN = -1  # the "timestep" after the last one: alpha_bar = 1, no noise left
 
 
@@ -85,7 +87,8 @@ class Schedule:
     def timesteps(self, steps: int) -> list[int]:
         """As diffusers spaces them for `steps` inference steps ("leading", IF's default): 990, 980, ... 0."""
         if not 0 < steps <= self.num_train_timesteps:
-            raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {steps}")
+            raise UsageError(f"--steps must be between 1 and {self.num_train_timesteps} (this model's schedule), "
+                             f"got {steps}")
         ratio = self.num_train_timesteps // steps
         return [i * ratio for i in reversed(range(steps))]
 
