@@ -1,7 +1,8 @@
 """Images in and out: loading any picture as a model input, PNGs that carry their settings, contact sheets.
 
 Tensors are [1, C, H, W] (or [C, H, W]) in [-1, 1]. Every file is written to a temporary name in its folder
-and then linked into place, so a crash leaves nothing half-written and nothing is ever overwritten.
+and then linked into place (atomic_write, the one atomic writer of the package), so a crash leaves nothing
+half-written and nothing is ever overwritten unless the caller asks to replace.
 """
 from __future__ import annotations
 
@@ -160,10 +161,22 @@ def unique_path(path: str | os.PathLike) -> Path:
     return candidate
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Calls write(temporary path) and moves the result to `path`; refuses to replace an existing file."""
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it, as the os module offers no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Calls write(temporary path) in `path`'s folder and moves the result to `path`, so readers see no file
+    (or the old one) or the whole new one, never half a file; a failed write leaves nothing behind.
+
+    By default it refuses to replace an existing file (mirage never overwrites what it wrote); replace=True
+    replaces it atomically (os.replace), for checkpoints and caches. The final file gets the ordinary mode
+    0o666 & ~umask, whatever the writer made (mkstemp and safetensors create private 0600 files)."""
     path = Path(path)
-    if path.exists():
+    if not replace and path.exists():
         raise MirageError(f"{path} exists and mirage never overwrites; choose another name (or see unique_path)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
@@ -171,6 +184,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if replace:
+            os.replace(tmp, path)
+            return path
         try:
             os.link(tmp, path)  # fails if path appeared meanwhile: nothing is ever replaced
         except FileExistsError:

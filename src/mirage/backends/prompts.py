@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mirage.backends import hub, memory
+from mirage.io import atomic_write
 
 MAX_LENGTH = 77  # IF's T5 was trained on 77 tokens (IFPipeline.encode_prompt)
 BATCH = 16  # prompts per T5 forward pass
@@ -108,15 +108,8 @@ class PromptEncoder:
 
     def _write(self, prompt: str, embeds: Tensor) -> None:
         path, meta = self._key(prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"embeds": embeds.contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        tensors = {"embeds": embeds.contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), replace=True)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mirage.backends.classes import canonical
 from mirage.errors import MirageError, UsageError
+from mirage.io import atomic_write
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -140,9 +141,8 @@ def write_idx(path: Path, array: Tensor | np.ndarray) -> None:
     header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape)
     data = header + a.tobytes()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data),
+                 replace=True)
 
 
 def _read_npm(folder: Path, split: str) -> tuple[Tensor, Tensor]:

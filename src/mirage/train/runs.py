@@ -7,16 +7,14 @@
     RUN/loss.png            the loss curve
     RUN/samples/epoch_NNN.png, RUN/samples.gif   a sample grid after each epoch, and all of them as a GIF
 
-Checkpoint files are replaced atomically (temporary file, then os.replace), so a run killed at any moment
+Checkpoint files are replaced atomically (mirage.io.atomic_write with replace=True), so a run killed at any moment
 leaves the previous checkpoint or the new one, never half a file.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -26,19 +24,10 @@ from torch import Tensor
 
 from mirage.backends.small import FORMAT
 from mirage.errors import MirageError, UsageError
+from mirage.io import atomic_write
 
 CONFIG, MODEL, STATE, METRICS, LOSS_PNG, GIF = (
     "config.json", "model.safetensors", "state.safetensors", "metrics.jsonl", "loss.png", "samples.gif")
-
-
-def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary path) then move it over `path`: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create private files; runs are ordinary files
-    os.replace(tmp, path)
 
 
 def new_run(out: Path, config: dict) -> Path:
@@ -46,7 +35,7 @@ def new_run(out: Path, config: dict) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} already exists: continue it with --resume {out}, or choose another --out")
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    replace_file(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"), replace=True)
     return out
 
 
@@ -66,10 +55,10 @@ def save_checkpoint(run: Path, model_config: dict, step: int, epoch: int, raw: d
     """state.safetensors first, then model.safetensors: a resume always finds a complete state."""
     meta = {"format": FORMAT, "config": json.dumps(model_config), "step": str(step), "epoch": str(epoch)}
     state = {**_prefixed("raw.", raw), **_prefixed("ema.", ema), **_prefixed("optim.", optim)}
-    replace_file(run / STATE, lambda p: save_file(state, str(p), metadata={
-        **meta, "optim": json.dumps(optim_meta)}))
+    atomic_write(run / STATE, lambda p: save_file(state, str(p), metadata={
+        **meta, "optim": json.dumps(optim_meta)}), replace=True)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in ema.items()}
-    replace_file(run / MODEL, lambda p: save_file(weights, str(p), metadata=meta))
+    atomic_write(run / MODEL, lambda p: save_file(weights, str(p), metadata=meta), replace=True)
 
 
 def load_state(run: Path) -> dict | None:
@@ -126,7 +115,7 @@ def read_metrics(run: Path, upto_step: int | None = None) -> list[dict]:
 
 def rewrite_metrics(run: Path, rows: list[dict]) -> None:
     """After a resume: keep only what the checkpoint had seen, so no step is logged twice."""
-    replace_file(run / METRICS, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write(run / METRICS, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)), replace=True)
 
 
 def append_metrics(run: Path, row: dict) -> None:
@@ -149,7 +138,7 @@ def grid(images: Tensor, rows: int, pad: int = 2, scale: int = 2) -> Image.Image
 
 
 def save_picture(path: Path, picture: Image.Image) -> None:
-    replace_file(path, lambda p: picture.save(p, format="PNG"))
+    atomic_write(path, lambda p: picture.save(p, format="PNG"), replace=True)
 
 
 def save_gif(path: Path, frames: list[Path], ms: int = 400) -> None:
@@ -158,8 +147,8 @@ def save_gif(path: Path, frames: list[Path], ms: int = 400) -> None:
     if not pictures:
         return
     durations = [ms] * (len(pictures) - 1) + [ms * 4]
-    replace_file(path, lambda p: pictures[0].save(p, format="GIF", save_all=True, append_images=pictures[1:],
-                                                  duration=durations, loop=0))
+    atomic_write(path, lambda p: pictures[0].save(p, format="GIF", save_all=True, append_images=pictures[1:],
+                                                  duration=durations, loop=0), replace=True)
 
 
 def loss_curve(rows: list[dict], width: int = 640, height: int = 360) -> Image.Image:
@@ -196,4 +185,4 @@ def export_model(src: Path, dst: Path, dtype: torch.dtype = torch.float16) -> No
     if meta.get("format") != FORMAT:
         raise MirageError(f"{src} is not a mirage small-UNet checkpoint")
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
-    replace_file(dst, lambda p: save_file(tensors, str(p), metadata=meta))
+    atomic_write(dst, lambda p: save_file(tensors, str(p), metadata=meta), replace=True)
