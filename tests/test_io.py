@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -168,6 +169,33 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "x.json", explode)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_the_file_the_users_umask(tmp_path, umask):
+    def private(tmp):  # as safetensors does: a fresh 0600 file
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+    old = os.umask(umask)
+    try:
+        made = atomic_write(tmp_path / "a.bin", private)
+        replaced = atomic_write(made, lambda tmp: tmp.write_bytes(b"y"), replace=True)
+    finally:
+        os.umask(old)
+    assert made.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert replaced.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_write_replaces_only_when_asked(tmp_path):
+    path = atomic_write(tmp_path / "state.json", lambda tmp: tmp.write_text("old"))
+    with pytest.raises(MirageError) as err:
+        atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert "overwrite" in only_line(err) and path.read_text() == "old"
+    assert atomic_write(path, lambda tmp: tmp.write_text("new"), replace=True) == path
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left behind
 
 
 def test_write_json(tmp_path):

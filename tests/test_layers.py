@@ -22,17 +22,34 @@ def layer(module: str) -> int:
     return LAYERS[parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else ""]
 
 
-def imports(path: Path):
-    """(module imported, line, at top level) for every mirage import in the file."""
+def is_module(name: str) -> bool:
+    return (ROOT.parent / (name.replace(".", "/") + ".py")).is_file() or (ROOT.parent / name.replace(".", "/")).is_dir()
+
+
+def absolute(node: ast.ImportFrom, package: str) -> str | None:
+    """The module a `from X import ...` names, relative ones (`from . import x`, `from ..io import y`) resolved
+    against `package`, the package the importing module is in."""
+    if not node.level:
+        return node.module
+    base = package.split(".")
+    if node.level > len(base):
+        return None
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(path: Path, package: str = "mirage"):
+    """(module imported, line, at top level) for every mirage import in the file; `package` is the package the
+    file's module is in (to resolve relative imports)."""
     tree = ast.parse(path.read_text())
     top = set(map(id, tree.body))
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mirage"):
-            names = [f"{node.module}.{a.name}" for a in node.names]
-            found = [n for n in names if (ROOT.parent / (n.replace(".", "/") + ".py")).is_file()
-                     or (ROOT.parent / n.replace(".", "/")).is_dir()] or [node.module]
+        module = absolute(node, package) if isinstance(node, ast.ImportFrom) else None
+        if module is not None and (module == "mirage" or module.startswith("mirage.")):
+            names = [f"{module}.{a.name}" for a in node.names]
+            found = [n for n in names if is_module(n)] or [module]
         elif isinstance(node, ast.Import):
-            found = [a.name for a in node.names if a.name.startswith("mirage")]
+            found = [a.name for a in node.names if a.name == "mirage" or a.name.startswith("mirage.")]
         else:
             continue
         for name in found:
@@ -40,7 +57,10 @@ def imports(path: Path):
 
 
 def graph() -> dict[str, list[tuple[str, int, bool]]]:
-    return {module_name(p): list(imports(p)) for p in ROOT.rglob("*.py")}
+    def package(p: Path) -> str:
+        name = module_name(p)
+        return name if p.name == "__init__.py" else name.rpartition(".")[0]
+    return {module_name(p): list(imports(p, package(p))) for p in sorted(ROOT.rglob("*.py"))}
 
 
 def test_every_mirage_import_is_at_module_level():
@@ -85,3 +105,10 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from mirage.app import main\n")
     (found,) = list(imports(bad))
     assert found == ("mirage.app.main", 2, False) and layer(found[0]) > layer("mirage.engine.tasks")
+
+
+def test_the_check_resolves_relative_imports(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from ..app import main\nfrom . import views\nfrom .. import io\n")
+    assert [n for n, _, _ in imports(bad, "mirage.illusions")] == ["mirage.app.main", "mirage.illusions.views",
+                                                                   "mirage.io"]

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mirage.app.main import main
+from mirage.backends.classes import CLASS_NAMES, match_class
 from mirage.backends.unet import UNet, model_config
 from mirage.errors import MirageError, UsageError
 from mirage.train import loop, runs
-from mirage.backends.classes import CLASS_NAMES, match_class
 from mirage.train.data import (
     IDX_FILES,
     NPM_FILES,
