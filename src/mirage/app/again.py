@@ -62,8 +62,6 @@ def without(argv: list[str], options: tuple[str, ...]) -> list[str]:
 def again_argv(source: str, out: str | None) -> list[str]:
     """The arguments that make `source` again, writing into `out`."""
     argv, image = recorded_argv(Path(source))
-    if argv and argv[0] == "again":
-        raise UsageError(f"{source} was itself written by `mirage again`; its record names the run it made")
     if image is not None:
         argv = without(argv, PER_RUN) + ["--seeds", str(image["seed"])]
         if "start" in image:

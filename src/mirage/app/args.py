@@ -11,7 +11,7 @@ from mirage.errors import UsageError
 # ---- argument helpers ---------------------------------------------------------------------------
 def parse_seeds(text: str) -> list[int]:
     """'0-7,12' -> [0, ..., 7, 12]."""
-    seeds: list[int] = []
+    ranges: list[tuple[int, int]] = []
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
         try:
@@ -22,11 +22,11 @@ def parse_seeds(text: str) -> list[int]:
             raise UsageError(f"--seeds range {part.strip()} runs backwards: write {last}-{first}")
         if first < 0:
             raise UsageError(f"--seeds must be >= 0, got {first}")
-        seeds.extend(range(first, last + 1))
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1}) if len(seeds) < 10_000 else []
-    if repeated:
-        raise UsageError(f"--seeds names seed {repeated[0]} more than once: each seed makes one image")
-    return seeds
+        ranges.append((first, last))
+    for (_, last), (first, _) in zip(sorted(ranges), sorted(ranges)[1:]):
+        if first <= last:  # two ranges (or numbers) overlap: the lowest shared seed is `first`
+            raise UsageError(f"--seeds names seed {first} more than once: each seed makes one image")
+    return [s for first, last in ranges for s in range(first, last + 1)]
 
 
 def parse_interval(text: str | None) -> tuple[int, int] | None:

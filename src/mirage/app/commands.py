@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from mirage import __version__
@@ -79,8 +80,7 @@ def execute(args, job: Job) -> int:
     stage1 = dict(stage1, steps=len(timesteps), timesteps=timesteps)
 
     def make(items):
-        return _batched(job.run, model, items, args, step=step, guide=guide, progress=not args.quiet,
-                        **dict(stage1, steps=None))
+        return _batched(job.run, model, items, args, step=step, guide=guide, progress=not args.quiet, **stage1)
 
     def judge(images, _items):
         prompts, maps = job.checks(images.shape[-1])
@@ -191,9 +191,6 @@ def _checker(args, job: Job, model, ranked: bool, default_tries: int):
 
 def _with_rest(sheet, images: Tensor, items: list[dict]):
     """The best candidate's sheet above the other candidates, small, with their rank and score."""
-    from PIL import Image
-
-
     cells = [(to_pil(img), f"#{item['rank']} seed {item['seed']} ({item['score']:.2f})")
              for img, item in zip(images, items)]
     rest = contact_sheet([cells[i:i + 8] for i in range(0, len(cells), 8)], title="the other candidates",

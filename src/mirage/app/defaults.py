@@ -6,7 +6,7 @@ from mirage.illusions.filters import SIGMA
 # IFPipeline's own; no classifier checks IF images, so one try (confidence is then unused); sigma None is
 # filters.SIGMA
 IF_DEFAULTS = dict(steps=100, guidance=7.0, guidance_interval=None, tries=1, confidence=0.5, sigma=None)
-# built-ins, per task where "<setting>_<task>" is given (measured in builtin/README.md): samples guided only at
+# built-ins, per task where "<setting>_<task>" is given (measured in experiments/builtin/README.md): samples guided only at
 # timesteps 150-850 keep both class accuracy and diversity (Frechet distance), and each is remade (up to 3
 # tries) where the classifier is not at least 50 % sure of its class; illusions, steered by classifier guidance
 # at the strength their guide's file gives, are remade (up to 8 tries) until it is 90 % sure of every prompt;

@@ -419,7 +419,6 @@ def run_demo(out: str | Path, model: str = "fashion", device: str = "cpu", quick
     """Makes the whole demo into a new numbered run folder beside/at `out`; returns its report.html."""
     from tqdm.auto import tqdm
 
-
     start = time.perf_counter()
     dev = resolve_device(device)
     denoiser = load_model(model, dev)

@@ -181,7 +181,6 @@ def load_unet(folder: Path, part: str, device: torch.device, dtype: torch.dtype,
     """A diffusers UNet built from its config on the meta device and filled by memory.place."""
     from diffusers import UNet2DConditionModel
 
-
     with _loading(folder, part):
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(read_config(folder, part))
@@ -193,7 +192,6 @@ def load_unet(folder: Path, part: str, device: torch.device, dtype: torch.dtype,
 def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype, plan=None):
     """(tokenizer, T5EncoderModel) from the text_encoder/ and tokenizer/ parts of `folder`."""
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
-
 
     _require_protobuf_for_spiece(folder / TOKENIZER)
     with _loading(folder, TOKENIZER):

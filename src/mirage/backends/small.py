@@ -2,7 +2,7 @@
 models shipped in mirage/builtin/, or any `model.safetensors` that `mirage train ddpm` wrote.
 
 A checkpoint is a safetensors file whose metadata holds {"format": "mirage-small-unet", "config": JSON}; the
-config says the architecture (train/unet.py), the noise schedule (diffusers' scheduler keys), the data set
+config says the architecture (backends/unet.py), the noise schedule (diffusers' scheduler keys), the data set
 and its class names. Prompts are class names, matched forgivingly; "" is the null class (index -1).
 """
 from __future__ import annotations

@@ -111,7 +111,6 @@ def load(path: str | Path) -> Classifier:
     return model.eval()
 
 
-
 # ---- the shipped classifiers and guides ---------------------------------------------------------
 def builtin_data(model) -> str | None:
     """The built-in data set (fashion, digits) of a class-conditioned small model, or None (IF, an
