@@ -21,6 +21,8 @@ from mirage.backends.load import load_model
 from mirage.engine import tasks
 from mirage.engine.combine import cfg
 from mirage.engine.guide import for_task
+from mirage.engine.sample import Sampling
+from mirage.engine.schedule import ddpm_step
 from mirage.illusions.views import make_view
 from mirage.quality.classifier import guide_for
 
@@ -30,7 +32,7 @@ PROMPTS = ["t-shirt", "trouser"]
 def engine(model, steps: int, guidance: float, guide=None) -> float:
     views = [make_view("identity"), make_view("flip")]
     t0 = time.perf_counter()
-    tasks.anagram(model, PROMPTS, views, [0], steps=steps, guidance=guidance, guide=guide)
+    tasks.anagram(model, PROMPTS, views, [0], Sampling.spaced(model.schedule, steps, guidance=guidance, guide=guide))
     return time.perf_counter() - t0
 
 
@@ -51,7 +53,6 @@ def course_loop(model, guidance: float) -> float:
             e = cfg(model(xv, t, cond)[0], model(xv, t, null)[0], guidance)
             estimates.append(e if view is None else view.inverse(e))
         eps = torch.stack(estimates).mean(0)
-        from mirage.engine.schedule import ddpm_step
         x = ddpm_step(s, x, eps, None, t, ts[i + 1] if i + 1 < len(ts) else -1, torch.randn_like(x))
     return time.perf_counter() - t0
 

@@ -20,7 +20,7 @@ import torch
 from mirage.backends.load import load_model
 from mirage.engine import tasks
 from mirage.engine.guide import Guide
-from mirage.engine.schedule import ddim_step, ddpm_step
+from mirage.engine.sample import Sampling
 from mirage.illusions.filters import SIGMA
 from mirage.illusions.views import make_view
 from mirage.quality import classifier as shipped
@@ -62,16 +62,18 @@ def best_of(fn, prompts: list, chunk: int, candidates: int, ranker, model, maps,
 
 def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_class: int, pair_seeds: int,
              chunk: int, interval: tuple[int, int] | None = None, sigma: float = SIGMA, reduce: str = "mean",
-             resample: int = 1, candidates: int = 1, ranker=None, step=ddpm_step, pick: str = "best",
+             resample: int = 1, candidates: int = 1, ranker=None, sampler=("ddpm", 0.0), pick: str = "best",
              min_prob: float = 0.0, guide=None) -> dict:
     """Scores by each judge (name: classifier) of images made for `task`, each the best of `candidates` by
     `ranker`: {judge name: scores}."""
     names = model.class_names
-    kw = dict(steps=steps, guidance=guidance, guidance_interval=interval, resample=resample, step=step, guide=guide)
+    run = Sampling.spaced(model.schedule, steps, guidance=guidance, guidance_interval=interval, sampler=sampler[0],
+                          eta=sampler[1], guide=guide)
+    kw = dict(resample=resample)
     pick = dict(chunk=chunk, candidates=candidates, ranker=ranker, model=model, pick=pick, min_prob=min_prob)
     if task == "samples":
         labels = torch.arange(10).repeat_interleave(per_class)
-        images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, **kw), [[names[k] for k in labels]],
+        images = best_of(lambda ps, s: tasks.sample(model, ps[0], s, run, **kw), [[names[k] for k in labels]],
                          maps=[metrics.identity], **pick)
         return {name: _sample_scores(clf, images, labels) for name, clf in judges.items()}
     pairs = [(a, b) for a, b in itertools.permutations(range(10), 2) for _ in range(pair_seeds)]
@@ -79,13 +81,13 @@ def evaluate(model, judges: dict, task: str, steps: int, guidance: float, per_cl
     prompts = [[names[a] for a, _ in pairs], [names[b] for _, b in pairs]]
     if task == "anagrams":
         views = [make_view("identity"), make_view("flip")]
-        images = best_of(lambda ps, s: tasks.anagram(model, ps, views, s, reduce=reduce, **kw), prompts,
+        images = best_of(lambda ps, s: tasks.anagram(model, ps, views, s, run, reduce=reduce, **kw), prompts,
                          maps=[v.view for v in views], **pick)
         both = torch.stack([first, second], 1)
         return {name: dict(anagram_both=metrics.illusion_accuracy(clf, images, both, views)["all"])
                 for name, clf in judges.items()}
     maps = metrics.hybrid_maps(model.size, sigma)
-    images = best_of(lambda ps, s: tasks.hybrid(model, ps, s, kind="lowhigh", sigma=sigma, **kw), prompts,
+    images = best_of(lambda ps, s: tasks.hybrid(model, ps, s, run, kind="lowhigh", sigma=sigma, **kw), prompts,
                      maps=maps, **pick)
     each = {name: metrics.hybrid_accuracy(clf, images, first, second, maps[0])["each"] for name, clf in judges.items()}
     return {name: dict(hybrid_low=e[0], hybrid_high=e[1]) for name, e in each.items()}
@@ -133,12 +135,12 @@ def main() -> None:
         judges = {str(c): shipped.load_classifier(c) for c in args.classifier or [model.data]}  # on the CPU
         ranker = shipped.classifier_for(model)
         guide_classifier = shipped.load_classifier(args.guide) if args.guide else shipped.guide_for(model)
-        for (task, g, extra), (k, pick, min_prob), (sampler, step), cg in itertools.product(
+        for (task, g, extra), (k, pick, min_prob), (sampler, rule), cg in itertools.product(
                 settings(args), choices(args), samplers(args.eta), args.classifier_guidance):
             t0 = time.time()
             guide = Guide(guide_classifier, cg) if cg else None
             results = evaluate(model, judges, task, args.steps, g, args.per_class, args.pair_seeds, args.chunk,
-                               resample=args.resample, candidates=k, ranker=ranker, step=step, pick=pick,
+                               resample=args.resample, candidates=k, ranker=ranker, sampler=rule, pick=pick,
                                min_prob=min_prob, guide=guide, **extra)
             for judge, result in results.items():
                 row = dict(model=ref, judge=judge, task=task, sampler=sampler, steps=args.steps,
@@ -156,10 +158,10 @@ def choices(args):
 
 
 def samplers(etas: list[float] | None):
-    """(name, step function) pairs: the DDPM step, or DDIM at each eta."""
+    """(name, (sampler, eta)) pairs: the DDPM step, or DDIM at each eta."""
     if etas is None:
-        return [("ddpm", ddpm_step)]
-    return [(f"ddim eta={eta:g}", lambda *a, eta=eta: ddim_step(*a, eta=eta)) for eta in etas]
+        return [("ddpm", ("ddpm", 0.0))]
+    return [(f"ddim eta={eta:g}", ("ddim", eta)) for eta in etas]
 
 
 def settings(args):

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from mirage.engine import tasks
 from mirage.engine.combine import cfg, estimate
 from mirage.engine.denoiser import Cond
-from mirage.engine.sample import Noise, diffuse
+from mirage.engine.sample import Noise, Sampling, diffuse
 from mirage.engine.schedule import CLEAN, Schedule, ddim_step, ddpm_step
 from mirage.errors import UsageError
 
@@ -41,6 +41,10 @@ class ToyDenoiser:
         var = torch.tanh(x.mean(1, keepdim=True)).expand_as(x) if self.learned else None
         return eps, var
 
+
+
+def spaced(model, steps: int, **settings) -> Sampling:
+    return Sampling.spaced(model.schedule, steps, **settings)
 
 def test_forward_has_the_right_mean_and_variance():
     s = Schedule.cosine()
@@ -111,9 +115,9 @@ def test_ddim_with_eta_zero_is_deterministic_and_ends_clean():
 
 def test_each_image_depends_on_its_own_seed_alone():
     model = ToyDenoiser()
-    kw = dict(steps=10, guidance=3.0)
-    together = tasks.sample(model, "cat", [5, 9, 11], **kw)
-    alone = tasks.sample(model, "cat", [9], **kw)
+    run = spaced(model, 10, guidance=3.0)
+    together = tasks.sample(model, "cat", [5, 9, 11], run)
+    alone = tasks.sample(model, "cat", [9], run)
     assert torch.allclose(together[1:2], alone, atol=1e-6)
     assert not torch.allclose(together[0], together[1])
 
@@ -121,7 +125,7 @@ def test_each_image_depends_on_its_own_seed_alone():
 def test_all_terms_and_branches_go_through_the_model_as_one_batch():
     model = ToyDenoiser()
     from mirage.illusions.views import make_view
-    tasks.anagram(model, ["a", "bb"], [make_view("identity"), make_view("flip")], [0, 1], steps=4, guidance=5.0)
+    tasks.anagram(model, ["a", "bb"], [make_view("identity"), make_view("flip")], [0, 1], spaced(model, 4, guidance=5.0))
     assert model.calls == [2 * 2 * 2] * 4  # images x views x (cond, uncond), one call per step
 
 
@@ -142,10 +146,10 @@ def test_cfg_matches_a4_and_guidance_one_skips_the_null_branch():
 def test_guidance_interval_guides_only_inside_it():
     model = ToyDenoiser()
     ts = [900, 600, 300, 0]
-    inside = tasks.sample(model, "abc", [0, 1], timesteps=ts, guidance=4.0, guidance_interval=(300, 600))
+    inside = tasks.sample(model, "abc", [0, 1], Sampling(ts, guidance=4.0, guidance_interval=(300, 600)))
     assert model.calls == [2, 4, 4, 2]  # the null branch runs only at t = 600 and 300
-    everywhere = tasks.sample(model, "abc", [0, 1], timesteps=ts, guidance=4.0, guidance_interval=(0, 1000))
-    assert torch.equal(everywhere, tasks.sample(model, "abc", [0, 1], timesteps=ts, guidance=4.0))
+    everywhere = tasks.sample(model, "abc", [0, 1], Sampling(ts, guidance=4.0, guidance_interval=(0, 1000)))
+    assert torch.equal(everywhere, tasks.sample(model, "abc", [0, 1], Sampling(ts, guidance=4.0)))
     assert not torch.allclose(inside, everywhere)
 
 
@@ -170,11 +174,11 @@ def test_inpainting_keeps_every_unmasked_pixel():
     image = torch.rand(1, 3, 8, 8) * 2 - 1
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:5, 3:7] = 1
-    out = tasks.inpaint(model, image, mask, "x", [0, 1], steps=8, guidance=2.0)
+    out = tasks.inpaint(model, image, mask, "x", [0, 1], spaced(model, 8, guidance=2.0))
     keep = (mask == 0).expand_as(out)
     assert torch.equal(out[keep], image.expand_as(out)[keep])
     assert not torch.allclose(out[~keep], image.expand_as(out)[~keep])
-    resampled = tasks.inpaint(model, image, mask, "x", [0], steps=4, guidance=2.0, resample=3)
+    resampled = tasks.inpaint(model, image, mask, "x", [0], spaced(model, 4, guidance=2.0), resample=3)
     assert torch.equal(resampled[keep[:1]], image[keep[:1]])
 
 
@@ -193,18 +197,20 @@ def test_sdedit_starts_from_the_noised_image():
     model = ToyDenoiser()
     image = torch.rand(1, 3, 8, 8) * 2 - 1
     seen = []
-    tasks.edit(model, image, "x", [3], start=len(model.schedule.timesteps(10)) - 1, steps=10, guidance=1.0,
+    tasks.edit(model, image, "x", [3], spaced(model, 10, guidance=1.0), start=len(model.schedule.timesteps(10)) - 1,
                callback=lambda i, t, x: seen.append((i, t)))
     assert seen == [(0, CLEAN)]  # only the last step is left
     with pytest.raises(UsageError, match="out of range"):
-        tasks.edit(model, image, "x", [3], start=10, steps=10)
+        tasks.edit(model, image, "x", [3], spaced(model, 10), start=10)
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=-3), dict(guidance=float("nan")),
                                  dict(guidance=-1.0)])
 def test_bad_settings_are_usage_errors(bad):
     with pytest.raises(UsageError):
-        tasks.sample(ToyDenoiser(), "x", [0], **{"steps": 5, **bad})
+        model = ToyDenoiser()
+        settings = {"steps": 5, **bad}
+        tasks.sample(model, "x", [0], spaced(model, settings.pop("steps"), **settings))
 
 
 @pytest.mark.parametrize("seed", [-1, 2**63, 1.5])
@@ -228,5 +234,5 @@ def test_loop_reaches_clean_image_with_exact_eps():
     model.schedule = s
     ts = s.timesteps(20)
     x = s.forward(x0, ts[0], eps)
-    out = diffuse(model, x, tasks.make_terms(model, ["a"], 1, guided=False), Noise([0]), ts, guidance=1.0)
+    out = diffuse(model, x, tasks.make_terms(model, ["a"], 1, guided=False), Noise([0]), Sampling(ts, guidance=1.0))
     assert torch.allclose(out, x0, atol=1e-4)

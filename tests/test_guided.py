@@ -13,6 +13,7 @@ from mirage.engine import tasks
 from mirage.engine.combine import Term
 from mirage.engine.denoiser import Cond
 from mirage.engine.guide import Guide
+from mirage.engine.sample import Sampling
 from mirage.engine.schedule import Schedule
 from mirage.illusions.filters import lowpass, make_components
 from mirage.illusions.views import make_view
@@ -75,9 +76,10 @@ def test_guidance_runs_in_the_loop_for_anagrams_and_hybrids():
     model = load_model("fashion", torch.device("cpu"))
     guide = Guide(shipped.guide_for(model), 100.0)
     views = [make_view("identity"), make_view("flip")]
-    for make in (lambda **kw: tasks.anagram(model, ["trouser", "bag"], views, [0, 1], steps=4, guidance=3.0, **kw),
-                 lambda **kw: tasks.hybrid(model, ["trouser", "bag"], [0, 1], steps=4, guidance=3.0, **kw)):
-        plain, guided = make(), make(guide=guide)
+    for make in (lambda s: tasks.anagram(model, ["trouser", "bag"], views, [0, 1], s),
+                 lambda s: tasks.hybrid(model, ["trouser", "bag"], [0, 1], s)):
+        plain = make(Sampling.spaced(model.schedule, 4, guidance=3.0))
+        guided = make(Sampling.spaced(model.schedule, 4, guidance=3.0, guide=guide))
         assert guided.isfinite().all() and (guided - plain).abs().max() > 0.1
 
 

@@ -6,6 +6,8 @@ from diffusers import IFPipeline, IFSuperResolutionPipeline
 
 from mirage.backends.deepfloyd import load_stage
 from mirage.engine import tasks
+from mirage.engine.sample import Sampling
+from mirage.engine.tasks import LowRes
 from mirage.illusions.views import make_view
 from mirage.io import to_pil
 
@@ -16,6 +18,10 @@ def _pipe(cls, folder, **kw):
     pipe = cls.from_pretrained(folder, dtype=torch.float32, **NO_EXTRAS, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _spaced(model, steps: int, guidance: float) -> Sampling:
+    return Sampling.spaced(model.schedule, steps, guidance=guidance)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def test_stage_one_equals_if_pipeline(tiny_if_models, stages, seed, steps, guida
     pipe = _pipe(IFPipeline, tiny_if_models.stage_1)
     expected = pipe(prompt="A red Cat", num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                     generator=torch.Generator("cpu").manual_seed(seed), clean_caption=False).images
-    got = tasks.sample(stages[0], "A red Cat", [seed], steps=steps, guidance=guidance)
+    got = tasks.sample(stages[0], "A red Cat", [seed], _spaced(stages[0], steps, guidance))
     assert got.shape == expected.shape
     assert torch.allclose(got, expected.float(), atol=1e-4), (got - expected).abs().max()
 
@@ -43,14 +49,14 @@ def test_stage_two_equals_superresolution_pipeline(tiny_if_models, stages):
     expected = pipe(image=low, prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:],
                     num_inference_steps=5, guidance_scale=4.0, noise_level=250, output_type="pt",
                     generator=torch.Generator("cpu").manual_seed(7)).images
-    got = tasks.sample(stages[1], "a dog", [7], steps=5, guidance=4.0, low_res=low, noise_level=250)
+    got = tasks.sample(stages[1], "a dog", [7], _spaced(stages[1], 5, 4.0), low_res=LowRes(low, 250))
     assert got.shape == expected.shape
     assert torch.allclose(got, expected.float(), atol=1e-4), (got - expected).abs().max()
 
 
 def test_batched_seeds_equal_single_runs(stages):
-    batch = tasks.sample(stages[0], "a boat", [3, 4], steps=3, guidance=5.0)
-    alone = tasks.sample(stages[0], "a boat", [4], steps=3, guidance=5.0)
+    batch = tasks.sample(stages[0], "a boat", [3, 4], _spaced(stages[0], 3, 5.0))
+    alone = tasks.sample(stages[0], "a boat", [4], _spaced(stages[0], 3, 5.0))
     # the contract: equal to float rounding, which batching may reorder (and which differs by CPU and thread
     # count); once written as 8-bit pixels, no pixel may differ by more than one level
     assert np.abs(np.asarray(to_pil(batch[1]), np.int16) - np.asarray(to_pil(alone[0]), np.int16)).max() <= 1
@@ -58,8 +64,9 @@ def test_batched_seeds_equal_single_runs(stages):
 
 def test_two_view_anagram_runs_through_both_stages(stages):
     views = [make_view("identity"), make_view("flip")]
-    low = tasks.anagram(stages[0], ["a cat", "a dog"], views, [0, 1], steps=3, guidance=10.0)
-    high = tasks.anagram(stages[1], ["a cat", "a dog"], views, [0, 1], steps=3, guidance=10.0, low_res=low)
+    low = tasks.anagram(stages[0], ["a cat", "a dog"], views, [0, 1], _spaced(stages[0], 3, 10.0))
+    high = tasks.anagram(stages[1], ["a cat", "a dog"], views, [0, 1], _spaced(stages[1], 3, 10.0),
+                         low_res=LowRes(low))
     assert low.shape == (2, 3, stages[0].size, stages[0].size)
     assert high.shape == (2, 3, stages[1].size, stages[1].size)
     assert torch.isfinite(high).all()

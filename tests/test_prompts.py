@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from mirage.backends import hub, prompts
-from mirage.backends.prompts import MAX_LENGTH, PromptEncoder, embed_command
+from mirage.app.commands import embed_cmd as embed_command
+from mirage.backends.prompts import MAX_LENGTH, PromptEncoder
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from mirage.backends.small import builtin_path, load_builtin, load_small
 from mirage.engine.denoiser import Cond, Denoiser
+from mirage.engine.sample import Sampling
+from mirage.engine.tasks import sample
 from mirage.errors import MirageError, UsageError
 
 
@@ -48,9 +50,7 @@ def test_call_returns_eps_and_no_variance(fashion):
 def test_denoises(fashion):
     """At a middle timestep the clean estimate of a noised model sample is much closer to it than the noisy
     image is: the weights do what a trained denoiser does (random weights fail this)."""
-    from mirage.engine.tasks import sample
-
-    clean = sample(fashion, ["trouser", "sneaker"], [0, 1], steps=10, guidance=2.0)
+    clean = sample(fashion, ["trouser", "sneaker"], [0, 1], Sampling.spaced(fashion.schedule, 10, guidance=2.0))
     t = 400
     gen = torch.Generator().manual_seed(0)
     noisy = fashion.schedule.forward(clean, t, torch.randn(clean.shape, generator=gen))

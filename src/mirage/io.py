@@ -63,7 +63,7 @@ def load_mask(mask_path: str | os.PathLike | None, box: str | None, image_path: 
     w, h = _read(Path(image_path)).size
     crop = _centre_square(w, h)
     if mask_path is not None:
-        picture = _open(Path(mask_path)).convert("L")
+        picture = _open(Path(mask_path), "mask").convert("L")
         if picture.size != (w, h):
             if abs(picture.size[0] / picture.size[1] - w / h) > 0.01:
                 raise UsageError(f"the mask is {picture.size[0]}x{picture.size[1]} but the image is {w}x{h}: "
@@ -95,12 +95,13 @@ def _box_mask(box: str, side: int, size: int) -> Tensor:
     return mask
 
 
-def _read(path: Path) -> Image.Image:
-    """The picture file at `path`, fully loaded, or a one-line MirageError."""
+def _read(path: Path, what: str = "image") -> Image.Image:
+    """The picture file at `path` (`what` it is for: an image, a mask), fully loaded, or a one-line
+    MirageError."""
     if not path.exists():
-        raise MirageError(f"image not found: {path}")
+        raise MirageError(f"{what} not found: {path}")
     if not path.is_file():
-        raise MirageError(f"{path} is not a file: give the path of an image")
+        raise MirageError(f"{path} is not a file: give the path of the {what}")
     try:
         with Image.open(path) as im:
             im.load()
@@ -111,9 +112,9 @@ def _read(path: Path) -> Image.Image:
         raise MirageError(f"cannot read {path}: {what} ({detail})") from None
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, what: str = "image") -> Image.Image:
     """The picture as 8-bit L or RGB, upright, transparency on white."""
-    return _to_8bit(ImageOps.exif_transpose(_read(path)))
+    return _to_8bit(ImageOps.exif_transpose(_read(path, what)))
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -168,6 +169,9 @@ def _umask() -> int:
     return mask
 
 
+TEMP_PREFIX = ".tmp-"  # atomic_write's temporary files: what a killed write leaves, and a later run removes
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Calls write(temporary path) in `path`'s folder and moves the result to `path`, so readers see no file
     (or the old one) or the whole new one, never half a file; a failed write leaves nothing behind.
@@ -179,7 +183,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, repl
     if not replace and path.exists():
         raise MirageError(f"{path} exists and mirage never overwrites; choose another name (or see unique_path)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.stem}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(name)
     try:

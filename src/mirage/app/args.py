@@ -2,15 +2,45 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from mirage.errors import UsageError
 
 
 # ---- argument helpers ---------------------------------------------------------------------------
-def parse_seeds(text: str) -> list[int]:
-    """'0-7,12' -> [0, ..., 7, 12]."""
+class Seeds(Sequence):
+    """The seeds of a run as the ranges that name them, never listed: --seeds 0-100000000 costs no memory."""
+
+    def __init__(self, ranges: list[range]):
+        self.ranges = ranges
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.ranges)
+
+    def __iter__(self) -> Iterator[int]:
+        for r in self.ranges:
+            yield from r
+
+    def __getitem__(self, k: int) -> int:
+        if k < 0:
+            k += len(self)
+        for r in self.ranges:
+            if 0 <= k < len(r):
+                return r[k]
+            k -= len(r)
+        raise IndexError("seed index out of range")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Seeds({self.ranges})"
+
+
+def parse_seeds(text: str) -> Seeds:
+    """'0-7,12' -> 0, ..., 7, 12."""
     ranges: list[tuple[int, int]] = []
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
@@ -26,7 +56,7 @@ def parse_seeds(text: str) -> list[int]:
     for (_, last), (first, _) in zip(sorted(ranges), sorted(ranges)[1:]):
         if first <= last:  # two ranges (or numbers) overlap: the lowest shared seed is `first`
             raise UsageError(f"--seeds names seed {first} more than once: each seed makes one image")
-    return [s for first, last in ranges for s in range(first, last + 1)]
+    return Seeds([range(first, last + 1) for first, last in ranges])
 
 
 def parse_interval(text: str | None) -> tuple[int, int] | None:
@@ -43,15 +73,17 @@ def parse_interval(text: str | None) -> tuple[int, int] | None:
     return interval
 
 
-def seeds_of(args) -> list[int]:
+def seeds_of(args) -> Seeds:
     if args.seeds:
         return parse_seeds(args.seeds)
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
-    return list(range(args.seed, args.seed + args.n))
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    return Seeds([range(args.seed, args.seed + args.n)])
 
 
-def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and sampling")
     g.add_argument("--model", default="fashion",
                    help="built-in model (fashion, digits), a mirage .safetensors file, or an IF stage-I hub id "
@@ -82,7 +114,9 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
                         "task, measured: fashion 300 for anagrams and hybrids, digits 100 for anagrams, else 0)")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
-    g.add_argument("--batch-size", type=int, default=0, help="images per model batch (default: all at once)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call (default: all of a chunk of up to 64 at once); results do not "
+                        "depend on it")
     s2 = p.add_argument_group("stage II (IF upscaler)")
     s2.add_argument("--steps2", type=int, default=50, help="stage-II steps (default 50)")
     s2.add_argument("--guidance2", type=float, default=4.0, help="stage-II guidance (default 4)")
@@ -93,6 +127,17 @@ def add_common(p: argparse.ArgumentParser, prompt_default: str | None = "") -> N
     o.add_argument("--quiet", action="store_true", help="print only errors")
 
 
+class Once(argparse.Action):
+    """An option given at most once: a second value is refused, not silently taken over the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            parser.error(f"{option_string} was given twice; give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 # ---- commands ----------------------------------------------------------------------------------
 @dataclass
 class Command:
@@ -101,4 +146,3 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None]
     handler: Callable[[argparse.Namespace], int]
     common: bool = True
-    aliases: Sequence[str] = field(default_factory=tuple)

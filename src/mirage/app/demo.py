@@ -20,20 +20,20 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mirage.app import sheets, study
 from mirage.app.defaults import task_defaults
 from mirage.app.report import Block, Figure, Section, line_chart, write
 from mirage.app.rundir import RunDir
 from mirage.backends.load import is_small, load_model, resolve_device
 from mirage.engine import tasks
 from mirage.engine.guide import for_task
-from mirage.engine.sample import Noise
+from mirage.engine.sample import Noise, Sampling
 from mirage.illusions.animate import illusion_animation, save_gif
-from mirage.illusions.filters import BASE, SIGMA, lowpass
 from mirage.illusions.views import parse_views
-from mirage.io import contact_sheet, load_image, to_pil
+from mirage.io import load_image
 from mirage.quality.classifier import classifier_for, guide_for
 from mirage.quality.metrics import hybrid_maps
-from mirage.quality.selection import candidate_scores
+from mirage.quality.selection import best_first, candidate_scores
 
 SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)  # the course's one-step denoiser sheet
 LEVELS = (250, 500, 750)  # noise levels out of 1000 (course 1.1)
@@ -125,52 +125,29 @@ class Demo:
     def load(self, name: str) -> Tensor:
         return load_image(asset(name), self.model.size, self.model.channels).to(self.model.device)
 
+    def sampling(self, guidance: float | None = None, guide=None) -> Sampling:
+        """The demo's sampling loop: its steps spaced as diffusers does, at its guidance unless given."""
+        return Sampling.spaced(self.model.schedule, self.size.steps,
+                               guidance=self.guidance if guidance is None else guidance, guide=guide)
+
     def edit_timesteps(self) -> list[int]:
         T = self.model.schedule.num_train_timesteps
         return self.model.schedule.strided(stride=max(1, self.size.stride * T // 1000))
 
     def levels(self) -> list[int]:
-        T = self.model.schedule.num_train_timesteps
-        return [min(T - 1, v * T // 1000) for v in LEVELS]
+        return study.levels_for(self.model.schedule, list(LEVELS))
 
 
 # ---- Part A ---------------------------------------------------------------------------------------
 def denoising(d: Demo) -> Section:
     """1.1-1.4: the forward process, classical (blur), one-step and iterative denoising of the test image."""
-    image, prompt, seed = d.load(d.plan.test_image), d.plan.image_prompt, 0
-    blur, sigma = lowpass(d.model.size), round(SIGMA * d.model.size / BASE, 3)  # the hybrids' low pass
-    noise = Noise([seed], device=d.model.device)
-    noisy = [(t, d.model.schedule.forward(image, t, noise.draw(image.shape[1:]))) for t in d.levels()]
-    rows = [Block("Noisy images (forward process)", "", [d.figure("a-original.png", image[0], "original",
-                                                                  input=d.plan.test_image)] +
-                  [d.figure(f"a-noisy-t{t}.png", x[0], f"noisy, t={t}", t=t, seed=seed) for t, x in noisy]),
-            Block("Classical denoising: Gaussian blur", "", [
-                d.figure(f"a-blur-t{t}.png", blur(x)[0], f"blurred, t={t}", t=t, blur_sigma=sigma)
-                for t, x in noisy]),
-            Block("One-step denoising", "The clean image one noise estimate implies: x0 = (x_t - sqrt(1-ab) eps) "
-                  "/ sqrt(ab).", [d.figure(f"a-onestep-t{t}.png", tasks.one_step(d.model, x, t, prompt)[0],
-                                           f"one-step, t={t}", t=t, prompt=prompt, guidance=1)
-                                  for t, x in noisy])]
+    image = d.load(d.plan.test_image)
     ts = d.edit_timesteps()
-    start = min(d.size.i_start, len(ts) - 1)
-    x_start = d.model.schedule.forward(image, ts[start], Noise([seed], d.model.device).draw(image.shape[1:]))
-    shown: list[Figure] = []
-
-    def keep(i: int, t: int, x: Tensor) -> None:
-        if i % d.size.every == 0:
-            shown.append(d.figure(f"a-iter-{i:02d}.png", x[0], f"iterative, step {i}", t=max(t, 0),
-                                  i_start=start, seed=seed))
-
-    final = tasks.edit(d.model, image, prompt, [seed], start=start, timesteps=ts, guidance=1.0, callback=keep)
-    shown += [d.figure("a-iter-final.png", final[0], "iterative: final", i_start=start, t_start=ts[start],
-                       steps=len(ts) - start, seed=seed),
-              d.figure("a-iter-onestep.png", tasks.one_step(d.model, x_start, ts[start], prompt)[0],
-                       "one-step from the same start", t=ts[start], seed=seed),
-              d.figure("a-iter-blur.png", blur(x_start)[0], "blur of the same start", t=ts[start], seed=seed)]
-    rows.append(Block("Iterative denoising", f"Strided timesteps {ts[0]}, {ts[1]}, ... 0, starting at "
-                      f"i_start={start} (t={ts[start]}); every {d.size.every} step(s) shown, then the three "
-                      f"denoisers compared.", shown))
-    return Section("denoising", "Part A 1.1–1.4 · Forward process and denoising", rows)
+    rows = study.denoising(d.model, image, d.plan.test_image, d.plan.image_prompt, 0, d.levels(), Sampling(ts, guidance=1.0),
+                           min(d.size.i_start, len(ts) - 1), d.size.every)
+    return Section("denoising", "Part A 1.1–1.4 · Forward process and denoising", [
+        Block(row.heading, row.note, [d.figure(f"a-{p.name}.png", p.image, p.label, **p.settings)
+                                      for p in row.pictures]) for row in rows])
 
 
 def sampling(d: Demo) -> Section:
@@ -180,7 +157,7 @@ def sampling(d: Demo) -> Section:
     seeds = list(range(len(prompts)))
     blocks = []
     for g, label in ((1.0, "without CFG (guidance 1)"), (d.guidance, f"with CFG (guidance {d.guidance:g})")):
-        images = tasks.sample(d.model, prompts, seeds, steps=d.size.steps, guidance=g)
+        images = tasks.sample(d.model, prompts, seeds, d.sampling(g))
         blocks.append(Block(f"Samples {label}", "", [
             d.figure(f"a-sample-g{g:g}-{s}.png", x, p or "(unconditional)", prompt=p, seed=s, steps=d.size.steps,
                      guidance=g) for x, p, s in zip(images, prompts, seeds)], cell=110))
@@ -197,8 +174,8 @@ def edits(d: Demo) -> Section:
     ts = d.edit_timesteps()
     starts = [s for s in d.size.starts if s < len(ts)]
     inits = torch.cat([r[2] for r in rows])
-    results = {s: tasks.edit(d.model, inits, [r[3] for r in rows], [0] * len(rows), start=s, timesteps=ts,
-                             guidance=d.guidance) for s in starts}
+    results = {s: tasks.edit(d.model, inits, [r[3] for r in rows], [0] * len(rows),
+                             Sampling(ts, guidance=d.guidance), start=s) for s in starts}
     blocks = []
     for k, (label, file, image, prompt) in enumerate(rows):
         figs = [d.figure(f"a-edit{k}-i{s}.png", results[s][k], f"i_start={s}", i_start=s, t=ts[s], prompt=prompt,
@@ -217,7 +194,7 @@ def inpainting(d: Demo, image: Tensor) -> Block:
     mask = torch.zeros(1, 1, side, side, device=d.model.device)
     mask[..., y0:y1, x0:x1] = 1
     seeds = list(range(d.size.inpaints))
-    out = tasks.inpaint(d.model, image, mask, d.plan.image_prompt, seeds, steps=d.size.steps, guidance=d.guidance)
+    out = tasks.inpaint(d.model, image, mask, d.plan.image_prompt, seeds, d.sampling())
     box = [x0, y0, x1, y1]
     figs = [d.figure("a-inpaint-input.png", image[0], "input", input=d.plan.test_image),
             d.figure("a-inpaint-mask.png", mask[0] * 2 - 1, "mask (white = regenerate)", box=box)]
@@ -226,19 +203,19 @@ def inpainting(d: Demo, image: Tensor) -> Block:
     return Block("Inpainting", "Outside the mask the result equals the input exactly.", figs, cell=110)
 
 
-def _best(d: Demo, images: Tensor, labels: list[list[str]], maps) -> tuple[Tensor, str]:
+def _best(d: Demo, images: Tensor, labels: list[list[str]], maps) -> tuple[Tensor, list[float] | None, str]:
     """Candidates best first by the built-in classifier's score (seed order where there is none)."""
     if d.classifier is None or not d.plan.classes:
-        return torch.arange(len(images)), "in seed order (no classifier to rank them with this model)"
-
+        return torch.arange(len(images)), None, "in seed order (no classifier to rank them with this model)"
     scores = candidate_scores(d.classifier, d.model, images, labels, maps)[0]
-    return scores.argsort(descending=True, stable=True), "best first by the built-in classifier's score"
+    return best_first(scores), scores.tolist(), "best first by the built-in classifier's score"
 
 
 def _candidate_sheet(d: Demo, file: str, c: "Picked", title: str) -> Figure:
     order = c.order.tolist()
-    cells = [(to_pil(c.images[k]), f"seed {c.seeds[k]}") for k in order]
-    sheet = contact_sheet([cells[i:i + 4] for i in range(0, len(cells), 4)], cell=4 * d.model.size)
+    items = [dict(seed=c.seeds[k], rank=r + 1, **({} if c.scores is None else dict(score=c.scores[k])))
+             for r, k in enumerate(order)]
+    sheet = sheets.candidates(c.images[order], items, "", cols=4, cell=4 * d.model.size)
     d.out.save_image(file, sheet, dict(title=title))
     return Figure(file, f"all {len(c.images)} candidates", dict(order="best first", seeds=[c.seeds[k] for k in order]),
                   smooth=True)
@@ -252,6 +229,7 @@ class Picked:
     order: Tensor
     how: str  # how they were ranked, for the caption
     seeds: list[int]
+    scores: list[float] | None
 
     @property
     def best(self) -> Tensor:
@@ -270,8 +248,8 @@ def _best_of_pairs(d: Demo, pairs: Sequence[tuple[str, str]], make, maps) -> lis
     picked = []
     for k, pair in enumerate(pairs):
         group = images[k * n:(k + 1) * n]
-        order, how = _best(d, group, [list(pair)] * n, maps)
-        picked.append(Picked(tuple(pair), group, order, how, seeds))
+        order, scores, how = _best(d, group, [list(pair)] * n, maps)
+        picked.append(Picked(tuple(pair), group, order, how, seeds, scores))
     return picked
 
 
@@ -282,7 +260,7 @@ def anagrams(d: Demo) -> Section:
     guide = for_task(d.guide, "anagram")
 
     def make(prompts, seeds):
-        return tasks.anagram(d.model, prompts, views, seeds, steps=d.size.steps, guidance=d.guidance, guide=guide)
+        return tasks.anagram(d.model, prompts, views, seeds, d.sampling(guide=guide))
 
     blocks = []
     for k, c in enumerate(_best_of_pairs(d, d.plan.anagrams, make, [v.view for v in views])):
@@ -307,8 +285,7 @@ def hybrids(d: Demo) -> Section:
     low = maps[0]
 
     def make(prompts, seeds):
-        return tasks.hybrid(d.model, prompts, seeds, kind="lowhigh", sigma=sigma, steps=d.size.steps,
-                            guidance=d.guidance, guide=guide)
+        return tasks.hybrid(d.model, prompts, seeds, d.sampling(guide=guide), kind="lowhigh", sigma=sigma)
 
     blocks = []
     for k, c in enumerate(_best_of_pairs(d, d.plan.hybrids, make, maps)):
@@ -360,7 +337,7 @@ def per_class(d: Demo) -> Block:
     names = list(d.model.class_names)
     seeds = list(range(d.size.per_class))
     prompts = [c for c in names for _ in seeds]
-    images = tasks.sample(d.model, prompts, seeds * len(names), steps=d.size.steps, guidance=d.guidance)
+    images = tasks.sample(d.model, prompts, seeds * len(names), d.sampling())
     return Block("Samples per class", f"Class-conditioned sampling with CFG, {len(seeds)} seed(s) per class.", [
         d.figure(f"b-class{k // len(seeds)}-seed{s}.png", x, p, prompt=p, seed=s, steps=d.size.steps,
                  guidance=d.guidance) for k, (x, p, s) in enumerate(zip(images, prompts, seeds * len(names)))],

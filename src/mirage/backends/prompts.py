@@ -122,16 +122,3 @@ def _embed(tokenizer, model, texts: list[str]) -> Tensor:
             warnings.warn(f"prompt {text[:40]!r}... is longer than {MAX_LENGTH} tokens; the rest is ignored")
     device = model.device
     return model(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
-
-
-def embed_command(args) -> int:
-    """`mirage embed "p1" "p2" --model M [--device auto|cpu|cuda]`: encode prompts into the cache ahead of time,
-    in the precision `mirage sample` will use on that device."""
-    device = getattr(args, "device", None) or "auto"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = PromptEncoder(args.model, device)
-    cached = sum(encoder.is_cached(p) for p in dict.fromkeys(args.prompts))
-    encoder.encode(list(args.prompts))
-    print(f"{len(set(args.prompts)) - cached} prompt(s) encoded, {cached} already cached, in {encoder.cache_dir}")
-    return 0

@@ -8,14 +8,18 @@ batch, and the same image diffusers' IF pipelines make with `torch.Generator("cp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mirage.engine.combine import Term, check_reduce, estimate
 from mirage.engine.denoiser import Denoiser
-from mirage.engine.schedule import CLEAN, ddpm_step
+from mirage.engine.guide import Guide
+from mirage.engine.schedule import CLEAN, Schedule, ddim_step, ddpm_step
 from mirage.errors import UsageError
 
 MAX_SEED = 2**63 - 1
@@ -52,30 +56,79 @@ def validate(steps: int | None = None, guidance: float | None = None) -> None:
         raise UsageError(f"--guidance must be a finite number >= 0, got {guidance!r}")
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the loop runs, settled before it starts and recorded as it is: the timesteps it visits (then the
+    clean image), the guidance scale and the timesteps it applies at, the step rule, a classifier guide."""
+
+    timesteps: tuple[int, ...]
+    guidance: float = 7.0
+    guidance_interval: tuple[int, int] | None = None  # guide only at lo <= t <= hi (None: everywhere)
+    sampler: str = "ddpm"  # ddpm | ddim
+    eta: float = 0.0  # DDIM's: 0 deterministic, 1 DDPM-like
+    guide: Guide | None = None
+    progress: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        if not self.timesteps:
+            raise UsageError("there are no timesteps to run")
+        validate(guidance=self.guidance)
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}: use {' or '.join(SAMPLERS)}")
+        if not 0 <= self.eta <= 1:  # also rejects NaN
+            raise UsageError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {self.eta}")
+
+    @classmethod
+    def spaced(cls, schedule: Schedule, steps: int, **settings) -> "Sampling":
+        """`steps` timesteps spaced as diffusers spaces them."""
+        validate(steps=steps)
+        return cls(tuple(schedule.timesteps(steps)), **settings)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def step(self) -> Step:
+        return ddpm_step if self.sampler == "ddpm" else partial(ddim_step, eta=self.eta)
+
+    def starting_at(self, start: int) -> "Sampling":
+        """The same run entered at timesteps[start] (SDEdit)."""
+        if not 0 <= start < len(self.timesteps):
+            raise UsageError(f"start index {start} is out of range: use 0 to {len(self.timesteps) - 1}")
+        return replace(self, timesteps=self.timesteps[start:])
+
+    def guidance_at(self, t: int) -> float:
+        lo, hi = self.guidance_interval or (-math.inf, math.inf)
+        return self.guidance if lo <= t <= hi else 1.0
+
+
 @torch.inference_mode()
-def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timesteps: Sequence[int], *,
-            guidance: float, guidance_interval: tuple[int, int] | None = None, reduce: str = "mean",
-            step: Step = ddpm_step, constrain: Constraint | None = None, resample: int = 1, guide=None,
-            callback: Callable[[int, int, Tensor], None] | None = None, progress: bool = False) -> Tensor:
-    """Denoise x, which is at timesteps[0], down to a clean image.
+def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, sampling: Sampling, *,
+            reduce: str = "mean", constrain: Constraint | None = None, resample: int = 1,
+            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
+    """Denoise x, which is at sampling.timesteps[0], down to a clean image.
 
     Each timestep steps to the next one in the list and the last one to the clean image, as diffusers'
     schedulers do. `resample` > 1 repeats each step RePaint-style: step, constrain, re-noise back to t.
-    `guidance_interval = (lo, hi)` guides only at timesteps lo <= t <= hi (Kynkaanniemi et al. 2024: guidance
-    at high noise costs diversity and gains little); elsewhere the unconditional branch is skipped. A `guide`
-    (guide.Guide) adds classifier guidance at every step.
+    A guidance interval guides only inside it (Kynkaanniemi et al. 2024: guidance at high noise costs
+    diversity and gains little); elsewhere the unconditional branch is skipped. A guide (guide.Guide) adds
+    classifier guidance at every step.
     """
     check_reduce(reduce, terms)
-    timesteps = list(timesteps)
-    bar = _progress(len(timesteps), progress)
+    timesteps, step = sampling.timesteps, sampling.step
+    bar = _progress(len(timesteps), sampling.progress)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
         x_t = x_next = x
         for r in range(resample):
             if r:  # jump back: q(x_t | x_t_prev) for a fresh try at this step
                 x_t = _renoise(model, x_next, t_prev, t, noise)
-            eps, var = estimate(model, x_t, t, terms, _guidance_at(t, guidance, guidance_interval), reduce, i,
-                                guide)
+            eps, var = estimate(model, x_t, t, terms, sampling.guidance_at(t), reduce, i, sampling.guide)
             z = noise.draw(x.shape[1:]) if t > 0 else None  # diffusers draws no noise at t = 0
             x_next = step(model.schedule, x_t, eps, var, t, t_prev, z)
             if constrain is not None:
@@ -88,16 +141,10 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, timeste
     return x
 
 
-def _guidance_at(t: int, guidance: float, interval: tuple[int, int] | None) -> float:
-    return guidance if interval is None or interval[0] <= t <= interval[1] else 1.0
-
-
 def _renoise(model: Denoiser, x: Tensor, t_from: int, t_to: int, noise: Noise) -> Tensor:
     a = model.schedule.alpha_bar(t_to) / model.schedule.alpha_bar(t_from)
     return a.sqrt().to(x) * x + (1 - a).sqrt().to(x) * noise.draw(x.shape[1:])
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, disable=not enabled, leave=False, unit="step")

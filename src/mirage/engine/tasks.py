@@ -1,12 +1,12 @@
 """Every task as a short composition over the one loop: which terms, where to start, what to keep fixed.
 
-All functions take a `Denoiser` and per-image seeds and return images in [-1, 1] at the model's resolution,
-[n, C, H, W]. Passing `low_res` runs a super-resolution stage (IF stage II) conditioned on those images,
-with the same views and components as the stage before.
+All functions take a `Denoiser`, per-image seeds and the loop's `Sampling`, and return images in [-1, 1] at
+the model's resolution, [n, C, H, W]. Passing `low_res` runs a super-resolution stage (IF stage II)
+conditioned on those images, with the same views and components as the stage before.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -14,13 +14,21 @@ from torch import Tensor
 
 from mirage.engine.combine import Term, estimate
 from mirage.engine.denoiser import Denoiser
-from mirage.engine.sample import Noise, diffuse, validate
-from mirage.engine.schedule import CLEAN, Schedule, ddpm_step
+from mirage.engine.sample import Noise, Sampling, diffuse
+from mirage.engine.schedule import CLEAN, Schedule
 from mirage.errors import UsageError
 from mirage.illusions.filters import SIGMA, make_components
 
 Prompt = str | Sequence[str]  # one prompt for every image, or one per image
 Filter = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LowRes:
+    """What a super-resolution stage is conditioned on: the stage before's images, noised to `noise_level`."""
+
+    images: Tensor
+    noise_level: int = 250
 
 
 def make_terms(model: Denoiser, prompts: Sequence[Prompt], n: int, views: Sequence | None = None,
@@ -43,36 +51,30 @@ def make_terms(model: Denoiser, prompts: Sequence[Prompt], n: int, views: Sequen
             for k, ps in enumerate(per_term)]
 
 
-def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], *, steps: int | None = None,
-             timesteps: Sequence[int] | None = None, guidance: float = 7.0,
-             guidance_interval: tuple[int, int] | None = None, views: Sequence | None = None,
-             components: Sequence[Filter] | None = None, sees: Sequence[Filter | None] | None = None,
-             reduce: str = "mean", init: Tensor | None = None, start: int = 0,
-             keep: tuple[Filter, Tensor] | None = None, low_res: Tensor | None = None, noise_level: int = 250,
-             step=ddpm_step, resample: int = 1, guide=None, callback=None, progress: bool = False) -> Tensor:
-    """The general task: start from noise (or from `init` noised to timesteps[start]: SDEdit), guide by the
-    terms, and optionally keep the part `keep = (F, reference)` of the image equal to the reference's
-    (x <- x - F(x) + F(q(reference, t)): inpainting, or a hybrid component taken from a photo). A `guide`
-    (guide.Guide) adds classifier guidance; `sees` says through what it reads each prompt."""
-    validate(steps=steps, guidance=guidance)
-    timesteps = list(timesteps) if timesteps is not None else model.schedule.timesteps(steps or 50)
-    if not 0 <= start < len(timesteps):
-        raise UsageError(f"start index {start} is out of range: use 0 to {len(timesteps) - 1}")
+def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], sampling: Sampling, *,
+             views: Sequence | None = None, components: Sequence[Filter] | None = None,
+             sees: Sequence[Filter | None] | None = None, reduce: str = "mean", init: Tensor | None = None,
+             start: int = 0, keep: tuple[Filter, Tensor] | None = None, low_res: LowRes | None = None,
+             resample: int = 1, callback=None) -> Tensor:
+    """The general task, run as `sampling` says: start from noise (or from `init` noised to the timestep at
+    index `start`: SDEdit), guide by the terms, and optionally keep the part `keep = (F, reference)` of the
+    image equal to the reference's (x <- x - F(x) + F(q(reference, t)): inpainting, or a hybrid component
+    taken from a photo). `sees` says through what a classifier guide reads each prompt."""
+    run = sampling.starting_at(start)
     noise = Noise(seeds, device=model.device)
     shape = (model.channels, model.size, model.size)
     x = noise.draw(shape)  # drawn first in every case, as diffusers' pipelines do
     if init is not None:
-        x = model.schedule.forward(_to_batch(init, len(noise), shape, "init"), timesteps[start], x)
-    terms = make_terms(model, prompts, len(noise), views, components, guided=guidance != 1, sees=sees)
+        x = model.schedule.forward(_to_batch(init, len(noise), shape, "init"), run.timesteps[0], x)
+    terms = make_terms(model, prompts, len(noise), views, components, guided=sampling.guidance != 1, sees=sees)
     if low_res is not None:
-        terms = _condition_on(model, terms, low_res, noise, noise_level)
+        terms = _condition_on(model, terms, low_res, noise)
     constrain = None
     if keep is not None:
         filt, ref = keep
         constrain = project(model.schedule, filt, _to_batch(ref, len(noise), shape, "reference"), noise)
-    return diffuse(model, x, terms, noise, timesteps[start:], guidance=guidance,
-                   guidance_interval=guidance_interval, reduce=reduce, step=step, constrain=constrain,
-                   resample=resample, guide=guide, callback=callback, progress=progress)
+    return diffuse(model, x, terms, noise, run, reduce=reduce, constrain=constrain, resample=resample,
+                   callback=callback)
 
 
 def project(schedule: Schedule, filt: Filter, reference: Tensor, noise: Noise):
@@ -89,40 +91,43 @@ def _to_batch(image: Tensor, n: int, shape: tuple, what: str) -> Tensor:
     return image.expand(n, *shape) if image.shape[0] == 1 else image
 
 
-def _condition_on(model: Denoiser, terms: list[Term], low_res: Tensor, noise: Noise, level: int) -> list[Term]:
+def _condition_on(model: Denoiser, terms: list[Term], low_res: LowRes, noise: Noise) -> list[Term]:
     if not hasattr(model, "noised_condition"):
         raise UsageError("this model is not a super-resolution model: it takes no low-resolution image")
-    shape = (low_res.shape[1], model.size, model.size)
-    image, levels = model.noised_condition(low_res.to(noise.device), noise.draw(shape), level)
+    shape = (low_res.images.shape[1], model.size, model.size)
+    image, levels = model.noised_condition(low_res.images.to(noise.device), noise.draw(shape), low_res.noise_level)
     return [replace(term, cond=term.cond.with_image(image, levels),
                     uncond=None if term.uncond is None else term.uncond.with_image(image, levels))
             for term in terms]
 
 
 # ---- named tasks: each one line over `generate` -------------------------------------------------
-def sample(model: Denoiser, prompt: Prompt, seeds: Sequence[int], **kw) -> Tensor:
-    return generate(model, seeds, [prompt], **kw)
+def sample(model: Denoiser, prompt: Prompt, seeds: Sequence[int], sampling: Sampling, **kw) -> Tensor:
+    return generate(model, seeds, [prompt], sampling, **kw)
 
 
-def edit(model: Denoiser, image: Tensor, prompt: Prompt, seeds: Sequence[int], start: int, **kw) -> Tensor:
-    """SDEdit / text-guided image-to-image: noise the image to timesteps[start], then denoise."""
-    return generate(model, seeds, [prompt], init=image, start=start, **kw)
+def edit(model: Denoiser, image: Tensor, prompt: Prompt, seeds: Sequence[int], sampling: Sampling, start: int,
+         **kw) -> Tensor:
+    """SDEdit / text-guided image-to-image: noise the image to the timestep at index `start`, then denoise."""
+    return generate(model, seeds, [prompt], sampling, init=image, start=start, **kw)
 
 
-def inpaint(model: Denoiser, image: Tensor, mask: Tensor, prompt: Prompt, seeds: Sequence[int], **kw) -> Tensor:
+def inpaint(model: Denoiser, image: Tensor, mask: Tensor, prompt: Prompt, seeds: Sequence[int], sampling: Sampling,
+            **kw) -> Tensor:
     """Regenerate where mask = 1, keep the image exactly where mask = 0 (RePaint with `resample` > 1)."""
     mask = mask.to(image)
-    return generate(model, seeds, [prompt], keep=(lambda x: (1 - mask) * x, image), **kw)
+    return generate(model, seeds, [prompt], sampling, keep=(lambda x: (1 - mask) * x, image), **kw)
 
 
-def anagram(model: Denoiser, prompts: Sequence[Prompt], views: Sequence, seeds: Sequence[int], **kw) -> Tensor:
+def anagram(model: Denoiser, prompts: Sequence[Prompt], views: Sequence, seeds: Sequence[int], sampling: Sampling,
+            **kw) -> Tensor:
     """Visual anagram: view i of the result shows prompt i (views from views.make_view)."""
     if len(prompts) < 2:
         raise UsageError("an anagram needs at least two prompts, one per view")
-    return generate(model, seeds, prompts, views=views, **kw)
+    return generate(model, seeds, prompts, sampling, views=views, **kw)
 
 
-def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kind: str = "lowhigh",
+def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], sampling: Sampling, kind: str = "lowhigh",
            image: Tensor | None = None, image_component: int | None = None, sigma: float = SIGMA,
            **kw) -> Tensor:
     """Factorized diffusion: component i of the result (low/high pass, gray/color, ...) shows prompt i.
@@ -139,7 +144,8 @@ def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], kin
     if image is not None:
         keep = (components[image_component], image)
     sees = [_partial_sum(components[:i + 1]) for i in range(len(components) - 1)] + [None]
-    return generate(model, seeds, prompts, components=components, sees=sees, reduce="sum", keep=keep, **kw)
+    return generate(model, seeds, prompts, sampling, components=components, sees=sees, reduce="sum", keep=keep,
+                    **kw)
 
 
 def _partial_sum(parts: Sequence[Filter]) -> Filter:

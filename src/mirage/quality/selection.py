@@ -20,6 +20,11 @@ def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequ
     return chosen.mean(1), (right & (chosen.exp() >= min_prob)).all(1)
 
 
+def best_first(scores: Tensor) -> Tensor:
+    """The order of candidates by score, best first; equal scores keep their seed order."""
+    return scores.argsort(descending=True, stable=True)
+
+
 def candidate_seed(seed: int, j: int) -> int:
     """The noise seed of try j of the image with seed `seed` (`--tries`): the seed itself first, then steps
     of 2**32 / golden ratio, far from the small seeds people pick. Modulo 2**32: torch's CPU generator, which

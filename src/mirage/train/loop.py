@@ -21,6 +21,7 @@ from mirage.backends.classes import CLASS_NAMES, canonical
 from mirage.backends.small import SmallUNet
 from mirage.backends.unet import UNet, model_config
 from mirage.engine.schedule import Schedule
+from mirage.engine.sample import Sampling
 from mirage.engine.tasks import sample
 from mirage.errors import MirageError, UsageError
 from mirage.train import runs
@@ -316,8 +317,8 @@ class Trainer:
         names = self.cfg.model["class_names"]
         rows = 4
         prompts = [n for _ in range(rows) for n in names] if names else [""] * 40
-        images = sample(model, prompts, list(range(len(prompts))), steps=self.cfg.sample_steps,
-                        guidance=self.cfg.guidance if names else 1.0)
+        sampling = Sampling.spaced(model.schedule, self.cfg.sample_steps, guidance=self.cfg.guidance if names else 1.0)
+        images = sample(model, prompts, list(range(len(prompts))), sampling)
         self.ema.eval()  # sampling put it in eval mode; it is never trained, so leave it so
         return runs.grid(images, rows=rows)
 

@@ -1,0 +1,121 @@
+"""One run's settings, resolved once: the task's defaults overridden by the arguments, every value checked
+before any model loads, then checked against the loaded model when the engine's `Sampling` is made from it.
+What result.json records is read off this one value."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mirage import __version__
+from mirage.app.args import parse_interval
+from mirage.app.defaults import task_defaults
+from mirage.backends.load import is_small
+from mirage.backends.memory import check_plan
+from mirage.engine.guide import Guide, check_strength
+from mirage.engine.sample import Sampling, validate
+from mirage.errors import UsageError
+
+CHUNK = 64  # images made, upscaled and written together: what a long run holds in memory at once
+
+
+@dataclass(frozen=True)
+class Settings:
+    task: str
+    model: str
+    device: str
+    memory: str
+    compile: bool
+    steps: int  # the task's default where --steps was not given
+    spacing: str  # "diffusers": --steps spaced as diffusers does; "strided": the course's strided list
+    guidance: float
+    guidance_interval: tuple[int, int] | None
+    sampler: str
+    eta: float
+    classifier_guidance: float | None  # None: the strength the guide's file gives for the task
+    pick: str  # none | best
+    tries: int | None  # None: the task's default, where a classifier can check every prompt
+    default_tries: int
+    confidence: float
+    batch_size: int | None  # None: a whole chunk per model call
+    upscaler: str
+    steps2: int
+    guidance2: float
+    noise_level: int
+    out: str | None
+    quiet: bool
+    argv: tuple[str, ...]
+
+    @property
+    def ranked(self) -> bool:
+        return self.pick == "best"
+
+    def chunk(self, total: int) -> int:
+        """Images per chunk: all of them where they are ranked against each other, else up to CHUNK."""
+        return total if self.ranked else min(total, CHUNK)
+
+    def sampling(self, model, guide: Guide | None = None) -> Sampling:
+        """Stage I's loop for `model`: its timesteps from its own schedule (a --steps beyond it is refused
+        here, before any sampling), and the guidance interval inside that schedule."""
+        schedule = model.schedule
+        T = schedule.num_train_timesteps
+        if self.guidance_interval is not None and self.guidance_interval[0] >= T:
+            raise UsageError(f"--guidance-interval {self.guidance_interval[0]}-{self.guidance_interval[1]} lies "
+                             f"outside this model's timesteps 0..{T - 1}")
+        if self.spacing == "strided":
+            timesteps = schedule.strided()
+        else:
+            timesteps = schedule.timesteps(self.steps)
+        return Sampling(tuple(timesteps), self.guidance, self.guidance_interval, self.sampler, self.eta, guide,
+                        progress=not self.quiet)
+
+    def upscaling(self, upscaler) -> Sampling:
+        T = upscaler.schedule.num_train_timesteps
+        if not 0 <= self.noise_level < T:
+            raise UsageError(f"--noise-level must be between 0 and {T - 1}, got {self.noise_level}")
+        return Sampling(tuple(upscaler.schedule.timesteps(self.steps2)), self.guidance2, None, self.sampler,
+                        self.eta, progress=not self.quiet)
+
+    def record(self) -> dict:
+        """The run-wide settings every image's record starts with."""
+        return dict(task=self.task, mirage=__version__, argv=list(self.argv), sampler=self.sampler,
+                    **(dict(eta=self.eta) if self.sampler == "ddim" else {}))
+
+
+def stage_record(name: str, model, sampling: Sampling, **extra) -> dict:
+    """What one stage ran: its model, resolution and the timesteps it visited."""
+    return dict(model=name, size=model.size, steps=sampling.steps, guidance=sampling.guidance,
+                **({} if sampling.guidance_interval is None else dict(guidance_interval=sampling.guidance_interval)),
+                timesteps=list(sampling.timesteps), **extra)
+
+
+def resolve(args, task: str) -> Settings:
+    """The settings of `task` from the command line's arguments: defaults filled in, each value checked."""
+    small = is_small(args.model)
+    defaults = task_defaults(small, task)
+    steps = defaults["steps"] if args.steps is None else args.steps
+    guidance = defaults["guidance"] if args.guidance is None else args.guidance
+    validate(steps=steps, guidance=guidance)
+    interval = (defaults["guidance_interval"] if args.guidance_interval is None
+                else parse_interval(args.guidance_interval))
+    confidence = defaults["confidence"] if getattr(args, "confidence", None) is None else args.confidence
+    if not 0 <= confidence < 1:  # also rejects NaN
+        raise UsageError(f"--confidence is a probability below 1: give a number from 0 to below 1, got {confidence}")
+    if args.classifier_guidance is not None:
+        check_strength(args.classifier_guidance)
+    check_plan(args.memory)  # for every model: a built-in one must not take a plan it ignores silently
+    if not 0 <= args.eta <= 1:  # also rejects NaN
+        raise UsageError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
+    tries = getattr(args, "tries", None)
+    if tries is not None and tries < 1:
+        raise UsageError(f"--tries must be at least 1, got {tries}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size} (leave it out for a whole "
+                         f"chunk of up to {CHUNK} images per call)")
+    validate(steps=args.steps2, guidance=args.guidance2)
+    spacing = defaults["spacing"] if args.steps is None else "diffusers"
+    return Settings(task=task, model=args.model, device=args.device, memory=args.memory, compile=args.compile,
+                    steps=steps, spacing=spacing, guidance=guidance, guidance_interval=interval,
+                    sampler=args.sampler, eta=args.eta, classifier_guidance=args.classifier_guidance,
+                    pick=getattr(args, "pick", "none"), tries=tries, default_tries=defaults["tries"],
+                    confidence=confidence, batch_size=args.batch_size, upscaler=args.upscaler,
+                    steps2=args.steps2, guidance2=args.guidance2, noise_level=args.noise_level, out=args.out,
+                    quiet=args.quiet, argv=tuple(args.argv))
