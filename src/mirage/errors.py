@@ -7,3 +7,10 @@ class MirageError(Exception):
 
 class UsageError(MirageError, ValueError):
     """A bad argument: exit code 2."""
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """`text` quoted for a one-line message, cut where it is long (a pasted paragraph must not flood it)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"

@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
 from mirage import __version__
-from mirage.app import again, score, train
+from mirage.app import again, rank, score, train
 from mirage.app.args import add_common
 from mirage.app.commands import COMMANDS
 from mirage.errors import MirageError, UsageError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (what is wrong, where to read more) instead of the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirage", description="Creative work with pixel-space diffusion "
+    parser = Parser(prog="mirage", description="Creative work with pixel-space diffusion "
                                      "models: sampling, edits, inpainting, visual anagrams, hybrid images.")
     parser.add_argument("--version", action="version", version=f"mirage {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -26,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd.handler)
     train.register(sub)
     score.register(sub)
+    rank.register(sub)
     p = sub.add_parser("again", help="make a recorded result again: an image, or a whole run",
                        description=again.__doc__.splitlines()[0])
     again.add_arguments(p)
@@ -39,6 +48,8 @@ def _again(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:  # the command itself, not a call from Python: `kill` stops it as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # what this run records, so that `mirage again` can make it again
@@ -65,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mirage {args.command}: internal error: {e.__class__.__name__}: {e} "
               f"(rerun with MIRAGE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _silence_libraries() -> None:

@@ -1,4 +1,5 @@
-"""`mirage score RUN_DIR`: a run's images measured with a classifier of the data set (quality.metrics)."""
+"""`mirage score RUN_DIR`: a run's images measured with a classifier of the data set (quality.metrics), or
+with CLIP (`--clip [MODEL]`, quality.clip): per image its similarity matrix, alignment and concealment."""
 from __future__ import annotations
 
 import json
@@ -6,15 +7,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from mirage.backends.classes import match_class
+from mirage.backends.load import resolve_device
 from mirage.backends.small import BUILTIN
 from mirage.errors import MirageError, UsageError
 from mirage.illusions.filters import SIGMA
 from mirage.illusions.views import parse_views
 from mirage.io import load_image, unique_path, write_json
 from mirage.quality.classifier import load_classifier, test_stats
+from mirage.quality.clip import (
+    DEFAULT_CLIP,
+    ClipJudge,
+    rank_order,
+    record,
+    view_similarity,
+)
 from mirage.quality.metrics import (
     Filter,
     fractions,
@@ -42,23 +52,39 @@ class Group:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "score", help="measure a run's images with a classifier: class accuracy, FD, illusions",
+        "score", help="measure a run's images with a classifier (class accuracy, FD, illusions) or with CLIP",
         description="Score the images of a run folder with a classifier of the data set: class accuracy of "
                     "samples, Fréchet distance against the test set (sample runs of >= 100 images), whether "
-                    "each view of an anagram and each part of a hybrid shows its prompt. Writes score.json.")
+                    "each view of an anagram and each part of a hybrid shows its prompt. With --clip, score "
+                    "every image with CLIP instead: the similarity S of each view with each prompt, the "
+                    "alignment (the worst view's similarity to its own prompt) and the concealment (how well "
+                    "each view picks out its own prompt). Writes score.json.")
     p.add_argument("run_dir", help="a folder a mirage command wrote (it holds result.json)")
-    p.add_argument("--classifier", help="fashion, digits, or a classifier .safetensors from `mirage train "
-                                        "classifier` (default: the one of the run's built-in model)")
+    scorer = p.add_mutually_exclusive_group()
+    clip_argument(scorer)
+    scorer.add_argument("--classifier", help="fashion, digits, or a classifier .safetensors from `mirage train "
+                                             "classifier` (default: the one of the run's built-in model)")
     p.add_argument("--blur", type=float, default=None,
                    help="sigma (given at 64 px, like the hybrid filters) of the blur a hybrid's low prompt is "
                         "judged through (default: the low pass the hybrid was made with)")
+    p.add_argument("--device", default="auto", help="where CLIP runs: auto (a GPU if there is one), cpu, cuda")
     p.add_argument("--quiet", action="store_true", help="write score.json, print nothing")
     p.set_defaults(func=score_command)
 
 
+def clip_argument(p) -> None:
+    p.add_argument("--clip", nargs="?", const=DEFAULT_CLIP, default=None, metavar="MODEL",
+                   help=f"score with CLIP: a hub id or a local folder in the hub's layout (--clip alone: "
+                        f"{DEFAULT_CLIP}); put it after RUN_DIR")
+
+
 def score_command(args) -> int:
     run = Path(args.run_dir)
-    entries = read_run(run)
+    if args.clip is not None:
+        return clip_command(args, run)
+    doc = read_result(run)
+    check_images(run, doc)
+    entries = doc["images"]
     name = args.classifier or _classifier_for(entries)
     classifier = load_classifier(name)
     report = score_run(classifier, run, entries, args.blur)
@@ -71,16 +97,42 @@ def score_command(args) -> int:
 
 
 def read_run(run: Path) -> list[dict]:
+    return read_result(run)["images"]
+
+
+def read_result(run: Path) -> dict:
+    """The run's result.json, with a non-empty list of images that each name their file."""
     path = run / "result.json"
     if not path.is_file():
         raise UsageError(f"{run} holds no result.json: give a folder that a mirage command wrote")
     try:
-        entries = json.loads(path.read_text())["images"]
+        doc = json.loads(path.read_text())
+        entries = doc["images"]
+        files = [e["file"] for e in entries]
     except (ValueError, KeyError, TypeError) as e:
         raise MirageError(f"{path} is not a mirage result (no image list: {e})") from None
     if not entries:
         raise MirageError(f"{path} lists no images")
-    return entries
+    if not all(isinstance(f, str) for f in files):
+        raise MirageError(f"{path} is not a mirage result (an image's file is not a name)")
+    return doc
+
+
+def check_images(run: Path, doc: dict) -> None:
+    """Every image result.json lists is there, and every picture in the folder is known to it: an image, its
+    stage-I picture or a sheet. Otherwise a usage error naming the first file at fault."""
+    listed = [e["file"] for e in doc["images"]]
+    missing = [f for f in listed if not (run / f).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UsageError(f"{run / missing[0]} is missing{more}: result.json lists it but the run folder does "
+                         f"not hold it")
+    known = set(listed) | {e["stage1_file"] for e in doc["images"] if e.get("stage1_file")}
+    known |= set(doc.get("sheets") or [])
+    strays = sorted(p.name for p in run.glob("*.png") if p.name not in known)
+    if strays:
+        raise UsageError(f"{run / strays[0]} has no entry in {run / 'result.json'}: its prompts are unknown "
+                         f"(move it out of the run folder)")
 
 
 def _model_of(entry: dict) -> str | None:
@@ -120,6 +172,115 @@ def _prompts(entry: dict) -> list[str]:
     return list(entry["prompts"]) if "prompts" in entry else [entry["prompt"]]
 
 
+# ---- CLIP ---------------------------------------------------------------------------------------------
+def clip_command(args, run: Path) -> int:
+    doc = read_result(run)
+    check_images(run, doc)
+    entries = doc["images"]
+    plan = clip_plan(run, entries, args.blur)  # before CLIP loads: an unscorable run stops here
+    with ClipJudge.load(args.clip, resolve_device(args.device)) as judge:
+        report = clip_report(judge, run, entries, plan)
+    path = write_json(unique_path(run / "score.json"), report)
+    if not args.quiet:
+        print("\n".join(clip_table(report)))
+        print(f"wrote {path}")
+    return 0
+
+
+@dataclass
+class ClipPlan:
+    """How CLIP checks a run: groups of images checked the same way, and the images it cannot check."""
+
+    groups: list[Group]
+    sizes: dict[str, int]  # file -> its side in px
+    skipped: list[dict]  # {file, why}
+
+
+def _side(path: Path) -> int:
+    try:
+        with Image.open(path) as im:
+            return min(im.size)
+    except (OSError, ValueError) as e:
+        raise MirageError(f"cannot read {path}: {e}") from None
+
+
+def clip_plan(run: Path, entries: list[dict], blur: float | None = None) -> ClipPlan:
+    """Each image's maps and prompts at its own size; a usage error when no image can be scored."""
+    groups: dict[tuple, Group] = {}
+    sizes, skipped = {}, []
+    for e in entries:
+        size = sizes[e["file"]] = _side(run / e["file"])
+        group = _group_of(e, size, blur)
+        prompts = _prompts(e) if group is not None else []
+        if group is None or not all(isinstance(p, str) and p.strip() for p in prompts):
+            why = (f"a {e.get('kind')} hybrid: only low/high hybrids are scored" if group is None and
+                   e.get("task") == "hybrid" else "a prompt is empty (unconditional, or a part made from an image)")
+            skipped.append({"file": e["file"], "why": why})
+            continue
+        key = (group.task, e.get("view_seed"), size, blur or e.get("sigma"))
+        groups.setdefault(key, group).entries.append(e)
+        groups[key].prompts.append(prompts)
+    if not groups:
+        raise UsageError(f"nothing in {run} can be scored with CLIP: no image has prompts (unconditional "
+                         f"samples, or hybrids with a component from an image)")
+    return ClipPlan(list(groups.values()), sizes, skipped)
+
+
+def clip_scores(judge: ClipJudge, run: Path, plan: ClipPlan) -> dict[str, dict]:
+    """file -> {task, checks, prompts, clip: {similarity, alignment, concealment}} for every scored image."""
+    scores = {}
+    for group in plan.groups:
+        x = torch.cat([load_image(run / e["file"], plan.sizes[e["file"]], channels=3) for e in group.entries])
+        S = view_similarity(judge, x, group.prompts, group.maps)
+        for e, prompts, s in zip(group.entries, group.prompts, S):
+            scores[e["file"]] = {"task": group.task, "checks": group.checks, "prompts": prompts,
+                                 "clip": record(s, judge.tau)}
+    return scores
+
+
+def clip_order(scores: dict[str, dict]) -> list[str]:
+    """The scored files best first: by alignment, ties broken by concealment (quality.clip.rank_order)."""
+    files = list(scores)
+    a = torch.tensor([scores[f]["clip"]["alignment"] for f in files], dtype=torch.float64)
+    c = torch.tensor([scores[f]["clip"]["concealment"] for f in files], dtype=torch.float64)
+    return [files[k] for k in rank_order(a, c).tolist()]
+
+
+def clip_report(judge: ClipJudge, run: Path, entries: list[dict], plan: ClipPlan) -> dict:
+    scores = clip_scores(judge, run, plan)
+    ranks = {f: r + 1 for r, f in enumerate(clip_order(scores))}
+    images = [dict(file=e["file"], **scores[e["file"]], rank=ranks[e["file"]]) for e in entries
+              if e["file"] in scores]
+    return {"run": str(run), "scorer": "clip",
+            "clip": {"model": judge.name, "logit_scale": round(judge.logit_scale, 4), "tau": round(judge.tau, 6),
+                     "device": str(judge.device), "dtype": str(judge.dtype).removeprefix("torch.")},
+            "images": images, "skipped": plan.skipped}
+
+
+def clip_table(report: dict) -> list[str]:
+    """The scored images best first: alignment, concealment, and each view's similarity to its own prompt."""
+    images = sorted(report["images"], key=lambda i: i["rank"])
+    rows = [("#", "file", "alignment", "concealment", "views: own prompt (similarity)")]
+    for i in images:
+        own = "; ".join(f"{c}: {p} ({s[k]:.3f})" for k, (c, p, s) in
+                        enumerate(zip(i["checks"], i["prompts"], i["clip"]["similarity"])))
+        rows.append((str(i["rank"]), i["file"], f"{i['clip']['alignment']:.4f}", f"{i['clip']['concealment']:.4f}",
+                     own))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    head = (f"{len(images)} images in {report['run']} scored with CLIP {report['clip']['model']} "
+            f"(tau {report['clip']['tau']:.4g}), best first")
+    lines = [head]
+    lines += ["  ".join(v.rjust(w) if k != 1 else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths)))
+              + "  " + r[4] for r in rows]
+    if images:
+        mean_a = sum(i["clip"]["alignment"] for i in images) / len(images)
+        mean_c = sum(i["clip"]["concealment"] for i in images) / len(images)
+        lines.append(f"mean alignment {mean_a:.4f}, mean concealment {mean_c:.4f}")
+    lines += [f"not scored: {s['file']} ({s['why']})" for s in report["skipped"]]
+    return lines
+
+
+# ---- the classifier ----------------------------------------------------------------------------------
 def score_run(classifier: nn.Module, run: Path, entries: list[dict], blur: float | None = None) -> dict:
     """Scores of every group of images in a run, plus per image what the classifier saw."""
     size = input_size(classifier)
@@ -158,8 +319,8 @@ def _score_group(classifier: nn.Module, group: Group, x: Tensor) -> tuple[dict, 
         scores = rank_maps(classifier, xs, y, group.maps)
         result["per_prompt"] = _per_prompt(predicted == y, y, names)
         kept = [e for e, ok in zip(group.entries, prompted) if ok]
-        files = [dict(file=e["file"], prompts=[names[k] for k in ys], predicted=[names[k] for k in ps],
-                      right=bool((ps == ys).all()), score=round(s, 4))
+        files = [{"file": e["file"], "prompts": [names[k] for k in ys], "predicted": [names[k] for k in ps],
+                  "right": bool((ps == ys).all()), "score": round(s, 4)}
                  for e, ys, ps, s in zip(kept, y, predicted, scores.tolist())]
     if group.task == "sample":
         result.update(_fd(classifier, x))
@@ -184,8 +345,8 @@ def _fd(classifier: nn.Module, x: Tensor) -> dict:
 def summary(report: dict) -> list[str]:
     """A few lines for the terminal."""
     c = report["classifier"]
-    lines = [f"{report['images']} images in {report['run']}, scored with the {c['name']} classifier "
-             f"(test accuracy {c.get('test_accuracy', float('nan')):.3f})"]
+    lines = [(f"{report['images']} images in {report['run']}, scored with the {c['name']} classifier "
+              f"(test accuracy {c.get('test_accuracy', float('nan')):.3f})")]
     for g in report["groups"]:
         parts = [f"{g['task']} ({g['images']} images)"]
         if "accuracy" in g:

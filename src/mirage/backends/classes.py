@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from mirage.errors import UsageError
+from mirage.errors import UsageError, quoted
 
 CLASS_NAMES: dict[str, list[str]] = {
     "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -70,5 +70,5 @@ def match_class(name: str, prompt: str) -> int | None:
                 best = (words, k)
     if best is None:
         known = ", ".join(CLASS_NAMES[name])
-        raise UsageError(f"unknown class {prompt!r} for {name}: use one of {known} (or \"\" for none)")
+        raise UsageError(f"unknown class {quoted(prompt)} for {name}: use one of {known} (or \"\" for none)")
     return best[1]
