@@ -226,8 +226,8 @@ def _same_file(a, b) -> bool:
 
 
 def test_pick_best_needs_a_classifier(tiny_if_models, tmp_path, capsys):
-    assert main(["sample", "--prompt", "a cat", *_if_args(tiny_if_models), "--pick", "best",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert main(["sample", "--prompt", "a cat", *_if_args(tiny_if_models), "--pick", "best", "--scorer",
+                 "classifier", "--out", str(tmp_path / "o")]) == 2
     assert "built-in model's classifier" in capsys.readouterr().err
     assert main(["hybrid", "--kind", "graycolor", "--gray", "bag", "--color", "coat", "--pick", "best",
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2

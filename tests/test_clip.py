@@ -15,7 +15,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from mirage.app.main import main
 from mirage.illusions.filters import lowpass
-from mirage.illusions.views import parse_views
+from mirage.illusions.views import make_view, parse_views
 from mirage.io import load_image, to_pil
 from mirage.quality import clip
 
@@ -265,3 +265,24 @@ def test_a_run_without_prompts_says_there_is_nothing_to_score(runs, tiny, tmp_pa
     doc["images"] = [{"task": "sample", "prompt": "", "seed": e["seed"], "file": e["file"]} for e in doc["images"]]
     (run / "result.json").write_text(json.dumps(doc))
     refused(capsys, run, ["score", str(run), "--clip", str(tiny)], "nothing", "no image has prompts")
+
+
+def test_pick_best_on_if_ranks_the_candidates_by_clip_alignment(tiny, tiny_if_models, tmp_path):
+    out = tmp_path / "o"
+    assert main(["anagram", "--prompt", "a cat", "--prompt", "a dog", "--model", str(tiny_if_models.stage_1),
+                 "--upscaler", "none", "--steps", "2", "--n", "3", "--pick", "best", "--clip", str(tiny),
+                 "--out", str(out), "--quiet"]) == 0
+    images = json.loads((out / "result.json").read_text())["images"]
+    assert [e["rank"] for e in images] == [1, 2, 3] and images[0]["scorer"] == f"clip {tiny}"
+    scores = [e["score"] for e in images]
+    assert scores == sorted(scores, reverse=True)
+    # each score is the alignment CLIP gives the saved image, views and prompts as made
+    views = [make_view("identity"), make_view("flip")]
+    for e in images:
+        png = load_image(out / e["file"], size=e["stages"][0]["size"], channels=3)
+        S = clip.view_similarity(judge_of(tiny), png, ["a cat", "a dog"], [v.view for v in views])
+        assert abs(float(clip.alignment(S)[0]) - e["score"]) < 1e-3
+
+
+def judge_of(tiny):
+    return clip.ClipJudge.load(str(tiny))

@@ -113,6 +113,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "images, at strength S; 0 = off (default: the strength the guide's file gives for the "
                         "task, measured: fashion 300 for anagrams and hybrids, digits 100 for anagrams, else 0)")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    g.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="a diffusers scheduler built from the model's own config: ddpm, ddim, pndm, lms, euler, "
+                        "euler_a, dpm++2m, unipc (default: Stable Diffusion's folder's own; --sampler otherwise)")
+    g.add_argument("--size", type=int, default=None,
+                   help="Stable Diffusion: image side in px, a multiple of 8 x its VAE factor (default: from its "
+                        "config, 512 for SD 1.x, 768 for 2.x); upscale: the output side")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per model call (default: all of a chunk of up to 64 at once); results do not "
@@ -120,7 +126,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     s2 = p.add_argument_group("stage II (IF upscaler)")
     s2.add_argument("--steps2", type=int, default=50, help="stage-II steps (default 50)")
     s2.add_argument("--guidance2", type=float, default=4.0, help="stage-II guidance (default 4)")
-    s2.add_argument("--noise-level", type=int, default=250, help="stage-II noise level of the 64-px image")
+    s2.add_argument("--noise-level", type=int, default=None,
+                    help="stage-II noise level of the 64-px image (default 250; `mirage upscale`: 20)")
+    s2.add_argument("--stage3", default="none", metavar="MODEL",
+                    help="after IF stage II: the Stable Diffusion x4 upscaler (hub id or folder), or none")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default: out/<command>); an existing, non-empty "
                                                "folder gets a numbered sibling instead of being overwritten")

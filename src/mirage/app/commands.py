@@ -18,9 +18,12 @@ from mirage.app.rundir import RunDir
 from mirage.app.settings import resolve
 from mirage.app.study import denoising, levels_for
 from mirage.backends import deepfloyd
-from mirage.backends.load import is_small, load_model, resolve_device
+from mirage.backends.load import is_small, load_model, load_stage3, resolve_device
+from mirage.backends.schedulers import Scheduler
 from mirage.backends.prompts import PromptEncoder
 from mirage.engine import tasks
+from mirage.engine.denoiser import space_shape
+from mirage.engine.sample import Sampling
 from mirage.errors import UsageError
 from mirage.illusions.filters import PARTS, SIGMA
 from mirage.illusions.views import VIEW_NAMES, parse_views
@@ -49,6 +52,12 @@ def pick_args(p) -> None:
                    help="how sure the classifier must be of each prompt for an image to pass, from 0 to below 1 "
                         "(default 0.5 for samples, 0.9 for illusions, whose views are far from what it was "
                         "trained on)")
+    p.add_argument("--scorer", choices=("classifier", "clip"), default=None,
+                   help="what checks and ranks candidates: a built-in model's classifier (its default) or CLIP "
+                        "(the default for IF and Stable Diffusion)")
+    p.add_argument("--clip", default=None, metavar="MODEL",
+                   help="the CLIP model that scores with --scorer clip: a hub id or folder (default "
+                        "openai/clip-vit-base-patch32)")
 
 
 # ---- sample -------------------------------------------------------------------------------------
@@ -64,7 +73,7 @@ def sample_cmd(args) -> int:
         return tasks.sample(model, prompt, seeds(items), sampling, low_res=low_res)
 
     items, total = per_seed(args)
-    return execute(args, Job("sample", items, total, run, settings=dict(prompt=prompt), sheet=sheets.grid,
+    return execute(args, Job("sample", items, total, with_stage3(args, run), settings=dict(prompt=prompt), sheet=sheets.grid,
                              checks=lambda size: ([prompt], [identity])))
 
 
@@ -123,14 +132,15 @@ def edit_cmd(args) -> int:
                                   start=start).float().cpu()
         return out
 
-    def fits(model, sampling):
+    def fits(model, sampling):  # a bad image or start is found before any sampling
+        image_for(model, args)
         if max(starts) >= sampling.steps:
             raise UsageError(f"--start {max(starts)} is out of range: use 0 to {sampling.steps - 1} (the run's "
                              f"timesteps)")
 
     chosen = seeds_of(args)
     items = (dict(seed=s, start=i) for s, i in product(chosen, starts))
-    return execute(args, Job("edit", items, len(chosen) * len(starts), run, sheet=sheets.series, fits=fits,
+    return execute(args, Job("edit", items, len(chosen) * len(starts), with_stage3(args, run), sheet=sheets.series, fits=fits,
                              settings=dict(prompt=prompt, image=args.image)))
 
 
@@ -163,7 +173,7 @@ def inpaint_cmd(args) -> int:
         mask_for(model, args)
 
     items, total = per_seed(args)
-    return execute(args, Job("inpaint", items, total, run, sheet=sheets.grid, fits=fits,
+    return execute(args, Job("inpaint", items, total, with_stage3(args, run), sheet=sheets.grid, fits=fits,
                              settings=dict(prompt=prompt, image=args.image, mask=args.mask, box=args.box,
                                            resample=args.resample)))
 
@@ -194,7 +204,8 @@ def anagram_cmd(args) -> int:
         return tasks.anagram(model, args.prompt, views, seeds(items), sampling, reduce=args.reduce, low_res=low_res)
 
     items, total = per_seed(args)
-    return execute(args, Job("anagram", items, total, run, views=views, sheet=sheets.illusion(views),
+    return execute(args, Job("anagram", items, total, with_stage3(args, run), views=views, sheet=sheets.illusion(views),
+                             fits=lambda model, sampling: tasks.check_views(model, views),
                              settings=dict(prompts=args.prompt, views=names, view_seed=args.view_seed,
                                            reduce=args.reduce),
                              checks=lambda size: (args.prompt, [v.view for v in views])))
@@ -241,6 +252,7 @@ def hybrid_cmd(args) -> int:
                             **photo)
 
     def fits(model, sampling):
+        tasks.check_kind(model, args.kind)
         if from_image is not None:
             image_for(model, args)
         if args.kind == "graycolor" and model.channels == 1:
@@ -248,12 +260,72 @@ def hybrid_cmd(args) -> int:
                              f"images: use --kind lowhigh or lowmidhigh")
 
     items, total = per_seed(args)
-    job = Job("hybrid", items, total, run, sheet=sheets.hybrid, fits=fits,
+    job = Job("hybrid", items, total, with_stage3(args, run), sheet=sheets.hybrid, fits=fits,
               settings=dict(kind=args.kind, sigma=sigma, prompts=prompts, components=list(parts),
                             image=args.image, image_component=from_image),
               checks=(lambda size: (prompts, hybrid_maps(size, sigma)))
               if args.kind == "lowhigh" and from_image is None else None)
     return execute(args, job)
+
+
+# ---- --stage3: the x4 upscaler after IF stage II -------------------------------------------------
+STAGE3_STEPS, STAGE3_GUIDANCE, STAGE3_NOISE = 20, 9.0, 20  # the x4 upscaler's published recipe
+
+
+def with_stage3(args, run):
+    """`run`, whose stage-II calls (those given a low-res image) go on through the x4 upscaler named by
+    --stage3, as the same task: an illusion's views act on its latents too, so each holds at 4x the size."""
+    ref = getattr(args, "stage3", "none") or "none"
+    if ref == "none":
+        return run
+    loaded = {}
+
+    def staged(model, items, sampling, low_res):
+        images = run(model, items, sampling, low_res)
+        if low_res is None:
+            return images
+        if "model" not in loaded:
+            loaded["model"] = load_stage3(ref, resolve_device(args.device))
+        up = loaded["model"]
+        up.set_size(images.shape[-1] * (up.size // space_shape(up)[-1]))
+        getattr(model, "free", lambda: None)()
+        spec = Scheduler(up.scheduler_name, up.scheduler_config, STAGE3_STEPS)
+        stage3 = Sampling(spec.timesteps(), STAGE3_GUIDANCE, scheduler=spec, progress=not args.quiet)
+        return run(up, items, stage3, tasks.LowRes(images.to(up.device), STAGE3_NOISE))
+    return staged
+
+
+# ---- upscale: Stable Diffusion's x4 upscaler ------------------------------------------------------
+def upscale_args(p):
+    p.add_argument("--image", required=True, help="the low-resolution image (center-cropped and resized to the "
+                                                  "output side / the upscaler's factor)")
+    p.add_argument("--prompt", default="", help='what the image shows (default "")')
+
+
+def upscale_input(model, args) -> Tensor:
+    side = space_shape(model)[-1]  # the upscaler's latents are at the low-res image's side
+    return _load(args.image, side, model.channels).to(model.device)
+
+
+def upscale_cmd(args) -> int:
+    args.upscaler = "none"
+
+    def run(model, items, sampling, low_res):
+        return tasks.upscale(model, upscale_input(model, args), args.prompt, seeds(items), sampling,
+                             noise_level=level)
+
+    def fits(model, sampling):
+        if not getattr(model, "is_upscaler", False):
+            raise UsageError(f"{args.model} is not an upscaler: give --model {sd_upscaler}")
+        upscale_input(model, args)
+
+    level = args.noise_level if args.noise_level is not None else 20
+    items, total = per_seed(args)
+    return execute(args, Job("upscale", items, total, run, sheet=sheets.grid, fits=fits,
+                             settings=dict(prompt=args.prompt, image=args.image, noise_level=level)))
+
+
+sd_upscaler = "stabilityai/stable-diffusion-x4-upscaler"
 
 
 # ---- the denoising study (course Part A 1.1-1.6) ------------------------------------------------
@@ -338,6 +410,8 @@ COMMANDS = [
             anagram_cmd),
     Command("hybrid", "hybrid image: each component (low/high pass, gray/color, ...) shows its own prompt",
             hybrid_args, hybrid_cmd),
+    Command("upscale", "upscale an image with Stable Diffusion's x4 upscaler (--model, default "
+            "stabilityai/stable-diffusion-x4-upscaler)", upscale_args, upscale_cmd),
     Command("views", "list the views anagrams can use", lambda p: None, views_cmd, common=False),
     Command("fetch", "download IF weights once (needs network and, for DeepFloyd, an accepted licence)",
             fetch_args, deepfloyd.fetch_command, common=False),

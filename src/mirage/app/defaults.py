@@ -18,11 +18,16 @@ SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=8, c
                       steps_hybrid=100, spacing="diffusers", spacing_edit="strided", spacing_denoise="strided", guidance_denoise=1.0)
 
 
-def task_defaults(small: bool, task: str) -> dict:
+# StableDiffusionPipeline's own (50 steps, guidance 7.5), the x4 upscaler's (20 steps, guidance 9)
+SD_DEFAULTS = dict(steps=50, guidance=7.5, guidance_interval=None, tries=1, confidence=0.5, sigma=None,
+                   spacing="diffusers", guidance_denoise=1.0, steps_upscale=20, guidance_upscale=9.0)
+
+
+def task_defaults(small: bool, task: str, family: str | None = None) -> dict:
     """steps and their spacing (edits and the denoising study take the course's strided list unless --steps
     is given), guidance, guidance interval, tries, confidence and hybrid sigma for one task: the task's own
     where given, then the general ones."""
-    defaults = SMALL_DEFAULTS if small else IF_DEFAULTS
+    defaults = SMALL_DEFAULTS if small else SD_DEFAULTS if family == "sd" else IF_DEFAULTS
     keys = ("steps", "spacing", "guidance", "guidance_interval", "tries", "confidence", "sigma")
     chosen = {k: defaults.get(f"{k}_{task}", defaults[k]) for k in keys}
     if chosen["sigma"] is None:

@@ -20,6 +20,7 @@ from mirage.app.score import (
     clip_plan,
     clip_report,
     clip_table,
+    judging_args,
     read_result,
     score_run,
 )
@@ -46,11 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--keep", type=int, default=None,
                    help="mark the K best as kept (\"kept\": true/false in result.json; the sheet shows those); "
                         "no image is deleted (default: all)")
-    p.add_argument("--blur", type=float, default=None,
-                   help="sigma (at 64 px) of the blur a hybrid's low prompt is judged through (default: the low "
-                        "pass the hybrid was made with)")
-    p.add_argument("--device", default="auto", help="where CLIP runs: auto (a GPU if there is one), cpu, cuda")
-    p.add_argument("--quiet", action="store_true", help="write result.json and the sheet, print nothing")
+    judging_args(p, "result.json and the sheet")
     p.set_defaults(func=rank_command)
 
 

@@ -64,12 +64,17 @@ def register(subparsers) -> None:
     clip_argument(scorer)
     scorer.add_argument("--classifier", help="fashion, digits, or a classifier .safetensors from `mirage train "
                                              "classifier` (default: the one of the run's built-in model)")
+    judging_args(p, "score.json")
+    p.set_defaults(func=score_command)
+
+
+def judging_args(p, writes: str) -> None:
+    """The options `score` and `rank` share: how a hybrid is judged, where CLIP runs, what is printed."""
     p.add_argument("--blur", type=float, default=None,
                    help="sigma (given at 64 px, like the hybrid filters) of the blur a hybrid's low prompt is "
                         "judged through (default: the low pass the hybrid was made with)")
     p.add_argument("--device", default="auto", help="where CLIP runs: auto (a GPU if there is one), cpu, cuda")
-    p.add_argument("--quiet", action="store_true", help="write score.json, print nothing")
-    p.set_defaults(func=score_command)
+    p.add_argument("--quiet", action="store_true", help=f"write {writes}, print nothing")
 
 
 def clip_argument(p) -> None:

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from mirage import __version__
 from mirage.app.args import parse_interval
 from mirage.app.defaults import task_defaults
-from mirage.backends.load import is_small
+from mirage.backends.load import is_sd, is_small, resolve_device
+from mirage.backends.schedulers import Scheduler, check_name
 from mirage.backends.memory import check_plan
 from mirage.engine.guide import Guide, check_strength
+from mirage.quality.clip import DEFAULT_CLIP
 from mirage.engine.sample import Sampling, validate
 from mirage.errors import UsageError
 
@@ -43,6 +45,11 @@ class Settings:
     out: str | None
     quiet: bool
     argv: tuple[str, ...]
+    scorer: str | None = None  # --scorer: what checks candidates (None: the classifier of a built-in model, else CLIP)
+    clip: str = DEFAULT_CLIP  # --clip: the CLIP model that scores where CLIP does
+    scheduler: str | None = None  # --scheduler; None: the model's own where it has one (Stable Diffusion)
+    size: int | None = None  # --size (Stable Diffusion)
+    stage3: str = "none"  # --stage3: the x4 upscaler after IF stage II
 
     @property
     def ranked(self) -> bool:
@@ -57,6 +64,15 @@ class Settings:
         here, before any sampling), and the guidance interval inside that schedule."""
         schedule = model.schedule
         T = schedule.num_train_timesteps
+        if self.size is not None:
+            if not hasattr(model, "set_size"):
+                raise UsageError(f"--size sets a Stable Diffusion model's resolution; {self.model} makes "
+                                 f"{model.size} px images only: drop --size")
+            model.set_size(self.size)
+        scheduler = self.scheduler_for(model)
+        if scheduler is not None:
+            return Sampling(scheduler.timesteps(), self.guidance, self.guidance_interval, self.sampler, self.eta,
+                            guide, progress=not self.quiet, scheduler=scheduler)
         if self.guidance_interval is not None and self.guidance_interval[0] >= T:
             raise UsageError(f"--guidance-interval {self.guidance_interval[0]}-{self.guidance_interval[1]} lies "
                              f"outside this model's timesteps 0..{T - 1}")
@@ -66,6 +82,17 @@ class Settings:
             timesteps = schedule.timesteps(self.steps)
         return Sampling(tuple(timesteps), self.guidance, self.guidance_interval, self.sampler, self.eta, guide,
                         progress=not self.quiet)
+
+    def scheduler_for(self, model, steps: int | None = None) -> Scheduler | None:
+        """--scheduler (or the model's own) built from the model's scheduler config; None: --sampler."""
+        name = self.scheduler or getattr(model, "scheduler_name", None)
+        if name is None:
+            return None
+        config = getattr(model, "scheduler_config", None) or model.schedule.config
+        if not config or config.get("variance_type") in ("learned", "learned_range"):
+            raise UsageError(f"--scheduler works with Stable Diffusion models; {self.model} steps with --sampler "
+                             f"ddpm or ddim only")
+        return Scheduler(name, config, steps or self.steps, self.eta)
 
     def upscaling(self, upscaler) -> Sampling:
         T = upscaler.schedule.num_train_timesteps
@@ -77,7 +104,10 @@ class Settings:
     def record(self) -> dict:
         """The run-wide settings every image's record starts with."""
         return dict(task=self.task, mirage=__version__, argv=list(self.argv), sampler=self.sampler,
-                    **(dict(eta=self.eta) if self.sampler == "ddim" else {}))
+                    **(dict(eta=self.eta) if self.sampler == "ddim" else {}),
+                    **(dict(scheduler=self.scheduler) if self.scheduler else {}),
+                    **(dict(size=self.size) if self.size else {}),
+                    **(dict(stage3=self.stage3) if self.stage3 != "none" else {}))
 
 
 def stage_record(name: str, model, sampling: Sampling, **extra) -> dict:
@@ -90,7 +120,14 @@ def stage_record(name: str, model, sampling: Sampling, **extra) -> dict:
 def resolve(args, task: str) -> Settings:
     """The settings of `task` from the command line's arguments: defaults filled in, each value checked."""
     small = is_small(args.model)
-    defaults = task_defaults(small, task)
+    defaults = task_defaults(small, task, "sd" if is_sd(args.model) else None)
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler is not None:
+        scheduler = check_name(scheduler)
+    size = getattr(args, "size", None)
+    if size is not None and size <= 0:
+        raise UsageError(f"--size must be a positive number of pixels, got {size}")
+    noise_level = args.noise_level if args.noise_level is not None else 20 if task == "upscale" else 250
     steps = defaults["steps"] if args.steps is None else args.steps
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     validate(steps=steps, guidance=guidance)
@@ -101,6 +138,7 @@ def resolve(args, task: str) -> Settings:
         raise UsageError(f"--confidence is a probability below 1: give a number from 0 to below 1, got {confidence}")
     if args.classifier_guidance is not None:
         check_strength(args.classifier_guidance)
+    resolve_device(args.device)  # a device this machine lacks is refused before anything loads
     check_plan(args.memory)  # for every model: a built-in one must not take a plan it ignores silently
     if not 0 <= args.eta <= 1:  # also rejects NaN
         raise UsageError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
@@ -117,5 +155,7 @@ def resolve(args, task: str) -> Settings:
                     sampler=args.sampler, eta=args.eta, classifier_guidance=args.classifier_guidance,
                     pick=getattr(args, "pick", "none"), tries=tries, default_tries=defaults["tries"],
                     confidence=confidence, batch_size=args.batch_size, upscaler=args.upscaler,
-                    steps2=args.steps2, guidance2=args.guidance2, noise_level=args.noise_level, out=args.out,
-                    quiet=args.quiet, argv=tuple(args.argv))
+                    steps2=args.steps2, guidance2=args.guidance2, noise_level=noise_level, out=args.out,
+                    quiet=args.quiet, argv=tuple(args.argv), scorer=getattr(args, "scorer", None),
+                    clip=getattr(args, "clip", None) or DEFAULT_CLIP, scheduler=scheduler, size=size,
+                    stage3=getattr(args, "stage3", "none") or "none")

@@ -37,9 +37,13 @@ ALIASES = {name.lower(): repo for repo in PUBLISHED
 UNET, SCHEDULER, NOISING = "unet", "scheduler", "image_noising_scheduler"
 TEXT_ENCODER, TOKENIZER = "text_encoder", "tokenizer"
 TEXT_PARTS = (TEXT_ENCODER, TOKENIZER)
+VAE, LOW_RES = "vae", "low_res_scheduler"  # Stable Diffusion's autoencoder; the x4 upscaler's noising
 CONFIG_FILE = {UNET: "config.json", TEXT_ENCODER: "config.json", SCHEDULER: "scheduler_config.json",
-               NOISING: "scheduler_config.json", TOKENIZER: "tokenizer_config.json"}
-WEIGHTS_STEM = {UNET: "diffusion_pytorch_model", TEXT_ENCODER: "model"}
+               NOISING: "scheduler_config.json", TOKENIZER: "tokenizer_config.json", VAE: "config.json",
+               LOW_RES: "scheduler_config.json"}
+WEIGHTS_STEM = {UNET: "diffusion_pytorch_model", TEXT_ENCODER: "model", VAE: "diffusion_pytorch_model"}
+# CLIP's BPE tokenizer may come as vocab.json + merges.txt alone (Stable Diffusion's published repos)
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 HALF = (torch.float16, torch.bfloat16)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -94,8 +98,8 @@ def _layout_problem(folder: Path, part: str) -> str | None:
     config = folder / part / CONFIG_FILE[part]
     if not config.is_file():
         return f"{config.relative_to(folder)} is missing"
-    if part == TOKENIZER and not any((folder / part / f).is_file() for f in ("tokenizer.json", "spiece.model")):
-        return f"{part}/tokenizer.json (or spiece.model) is missing"
+    if part == TOKENIZER and not any((folder / part / f).is_file() for f in TOKENIZER_FILES):
+        return f"{part}/tokenizer.json (or spiece.model, or vocab.json and merges.txt) is missing"
     if part in WEIGHTS_STEM and not weight_files(folder / part):
         pickles = [f.name for f in (folder / part).iterdir() if f.suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -120,21 +124,26 @@ def _snapshot(repo: str, parts: Sequence[str], fp16: bool) -> Path:
         allow += [f"{part}/*.json", f"{part}/*.model", f"{part}/*.txt"]
         if part in WEIGHTS_STEM:
             allow.append(f"{part}/*.fp16*.safetensors" if fp16 else f"{part}/*.safetensors")
+    return download(repo, allow, None if fp16 else ["*.fp16*"], PUBLISHED[0], fetch_hint=True)
+
+
+def download(repo: str, allow: list[str], ignore: list[str] | None, example: str, fetch_hint: bool = False) -> Path:
+    """The files of `repo` that `allow` names, from the hub's cache or downloaded, or a one-line MirageError
+    explaining a gated repo, an unknown id or weights that are not here and cannot be fetched."""
     offline = hub_constants.is_offline_mode()
     try:
-        return Path(snapshot_download(repo, allow_patterns=allow, ignore_patterns=None if fp16 else ["*.fp16*"],
-                                      local_files_only=offline))
+        return Path(snapshot_download(repo, allow_patterns=allow, ignore_patterns=ignore, local_files_only=offline))
     except GatedRepoError:
         raise MirageError(f"{repo} is gated: accept the licence at https://huggingface.co/{repo} and run "
                           f"`hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise MirageError(f"{repo} is neither a local folder nor a model on the hub (or it is private and no "
-                          f"token is set): check the id, e.g. {PUBLISHED[0]}, or pass a folder") from None
+                          f"token is set): check the id, e.g. {example}, or pass a folder") from None
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        fetch = f" or `mirage fetch {repo}`" if fetch_hint else ""
         raise MirageError(f"the weights of {repo} are not on this machine and {why}: they must be downloaded "
-                          f"once, run `hf download {repo}` or `mirage fetch {repo}` with network, "
-                          f"or pass a local folder") from None
+                          f"once, run `hf download {repo}`{fetch} with network, or pass a local folder") from None
     except OSError as e:  # disk full, permissions, a hub error answer
         raise MirageError(f"cannot download {repo}: {_first_line(e)}") from None
 
@@ -220,6 +229,20 @@ def text_sizes(folder: Path, dtype: torch.dtype):
     tokens a prompt), and whether it can be quantized to 8 bits here."""
     return memory.Sizes(weights_bytes(folder, TEXT_ENCODER, dtype), work=memory.GiB // 2,
                         int8=importlib.util.find_spec("bitsandbytes") is not None)
+
+
+def model_index(ref: str) -> dict | None:
+    """A folder's model_index.json (which pipeline it is and its settings), None where there is none; a hub
+    id's is fetched alone (or found cached)."""
+    repo = hub_id(ref)
+    folder = Path(ref).expanduser() if repo is None else _download(repo, (), False)
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MirageError(f"cannot read {path}: {_first_line(e)}") from None
 
 
 def weights_bytes(folder: Path, part: str, dtype: torch.dtype) -> int:

@@ -91,6 +91,8 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor]]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise MirageError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
+    if "optim" in meta:  # a training state (weights, EMA, optimizer) rather than the model it trains
+        raise UsageError(f"{path} is a training state (for --resume): use the run's model.safetensors beside it")
     if meta.get("format") != FORMAT or "config" not in meta:
         raise MirageError(f"{path} is not a mirage small-UNet checkpoint (its metadata has no {FORMAT} config)")
     try:
@@ -120,6 +122,10 @@ def load_small(path: str | Path) -> SmallUNet:
     """A model.safetensors written by `mirage train ddpm` (or a built-in file), on the CPU in fp32."""
     path = Path(path)
     config, tensors = read_checkpoint(path)
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # it would sample black images
+        raise MirageError(f"{path}: its weights hold NaN or inf values (in {bad}); the file is damaged or its "
+                          f"training diverged")
     return SmallUNet(build(config, tensors, str(path)), config, name=path.name)
 
 

@@ -81,3 +81,24 @@ class Denoiser(Protocol):
     def encode(self, prompts: list[str]) -> Cond: ...
 
     def __call__(self, x: Tensor, t: int, cond: Cond) -> tuple[Tensor, Tensor | None]: ...
+
+
+# ---- the model's own space (DESIGN: "The seam for latent models") ------------------------------------
+# A Denoiser may work in a space other than its images' pixels (Stable Diffusion: VAE latents). It says so by
+# having `space_shape` (C, H, W of what it denoises), `encode_image(images, noise=None)` (into its space;
+# `noise`, a sample.Noise, where encoding draws per image, as a VAE's sampling does) and `decode(x)` (back to
+# images in [-1, 1]); `view_names` (the views that act on its grid, None: all) and `hybrid_kinds` likewise.
+# Pixel models have none of these: each is the identity here, so tasks and the loop never ask what they hold.
+def space_shape(model) -> tuple[int, int, int]:
+    """The shape of one image in the model's space: (channels, size, size) for pixel models."""
+    return tuple(getattr(model, "space_shape", None) or (model.channels, model.size, model.size))
+
+
+def to_space(model, images: Tensor, noise=None) -> Tensor:
+    encode = getattr(model, "encode_image", None)
+    return images if encode is None else encode(images, noise)
+
+
+def from_space(model, x: Tensor) -> Tensor:
+    decode = getattr(model, "decode", None)
+    return x if decode is None else decode(x)

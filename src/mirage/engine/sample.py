@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -71,9 +71,13 @@ class Sampling:
     eta: float = 0.0  # DDIM's: 0 deterministic, 1 DDPM-like
     guide: Guide | None = None
     progress: bool = False
+    # A step rule that keeps its own state (the diffusers schedulers: multistep, sigma-space): anything with
+    # `start(timesteps) -> Stepper`, built fresh per run; None: the sampler above. Its timesteps may be
+    # fractional (Euler's "linspace" spacing) and repeat (PNDM's).
+    scheduler: object | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        object.__setattr__(self, "timesteps", tuple(_timestep(t) for t in self.timesteps))
         if not self.timesteps:
             raise UsageError("there are no timesteps to run")
         validate(guidance=self.guidance)
@@ -107,10 +111,28 @@ class Sampling:
         return self.guidance if lo <= t <= hi else 1.0
 
 
+def _timestep(t) -> int | float:
+    t = float(t) if not isinstance(t, int) else t
+    return int(t) if float(t).is_integer() else t
+
+
+class Stepper(Protocol):
+    """One run of a stateful step rule (Sampling.scheduler.start(timesteps)); i is the index into those
+    timesteps, `noise` the run's Noise, whose per-image generators it draws from."""
+
+    init_noise_sigma: float
+
+    def add_noise(self, x0: Tensor, t: int | float, noise: Tensor) -> Tensor: ...  # as Schedule.forward
+
+    def scale(self, x: Tensor, i: int) -> Tensor: ...
+
+    def step(self, out: Tensor, i: int, x: Tensor, noise: Noise) -> Tensor: ...
+
+
 @torch.inference_mode()
 def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, sampling: Sampling, *,
             reduce: str = "mean", constrain: Constraint | None = None, resample: int = 1,
-            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
+            callback: Callable[[int, int, Tensor], None] | None = None, stepper: Stepper | None = None) -> Tensor:
     """Denoise x, which is at sampling.timesteps[0], down to a clean image.
 
     Each timestep steps to the next one in the list and the last one to the clean image, as diffusers'
@@ -120,6 +142,8 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, samplin
     classifier guidance at every step.
     """
     check_reduce(reduce, terms)
+    if sampling.scheduler is not None:
+        return _diffuse_scheduled(model, x, terms, noise, sampling, reduce, constrain, resample, callback, stepper)
     timesteps, step = sampling.timesteps, sampling.step
     bar = _progress(len(timesteps), sampling.progress)
     for i, t in enumerate(timesteps):
@@ -134,6 +158,29 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, samplin
             if constrain is not None:
                 x_next = constrain(x_next, t_prev)
         x = x_next
+        if callback is not None:
+            callback(i, t_prev, x)
+        bar.update()
+    bar.close()
+    return x
+
+
+def _diffuse_scheduled(model, x, terms, noise, sampling, reduce, constrain, resample, callback, stepper):
+    """The same loop with a stateful step rule: the model sees its scaled input, the rule steps (drawing
+    any noise from each image's own generator), a constraint re-noises through the rule's own add_noise."""
+    if resample != 1:
+        raise UsageError("--resample (RePaint) works with the ddpm and ddim samplers only, not with --scheduler")
+    if sampling.guide is not None:
+        raise UsageError("classifier guidance works with the ddpm and ddim samplers only, not with --scheduler")
+    timesteps = sampling.timesteps
+    stepper = stepper or sampling.scheduler.start(timesteps)
+    bar = _progress(len(timesteps), sampling.progress)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
+        eps, _ = estimate(model, stepper.scale(x, i), t, terms, sampling.guidance_at(t), reduce, i)
+        x = stepper.step(eps, i, x, noise)
+        if constrain is not None:
+            x = constrain(x, t_prev)
         if callback is not None:
             callback(i, t_prev, x)
         bar.update()

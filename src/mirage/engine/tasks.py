@@ -10,10 +10,11 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mirage.engine.combine import Term, estimate
-from mirage.engine.denoiser import Denoiser
+from mirage.engine.denoiser import Denoiser, from_space, space_shape, to_space
 from mirage.engine.sample import Noise, Sampling, diffuse
 from mirage.engine.schedule import CLEAN, Schedule
 from mirage.errors import UsageError
@@ -62,27 +63,59 @@ def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], s
     taken from a photo). `sees` says through what a classifier guide reads each prompt."""
     run = sampling.starting_at(start)
     noise = Noise(seeds, device=model.device)
-    shape = (model.channels, model.size, model.size)
-    x = noise.draw(shape)  # drawn first in every case, as diffusers' pipelines do
-    if init is not None:
-        x = model.schedule.forward(_to_batch(init, len(noise), shape, "init"), run.timesteps[0], x)
+    shape = (model.channels, model.size, model.size)  # the images': init, reference and result
+    if low_res is None and getattr(model, "is_upscaler", False):
+        raise UsageError("this model is an upscaler: it needs a low-resolution image (mirage upscale, --stage3)")
+    check_views(model, views)
+    stepper = run.scheduler.start(run.timesteps) if run.scheduler is not None else None
+    forward = model.schedule.forward if stepper is None else stepper.add_noise
+    # into the model's space first: a VAE draws its sample from each image's generator before the noise
+    start_x = None if init is None else to_space(model, _to_batch(init, len(noise), shape, "init"), noise)
+    # the conditioning image's noise first where the model's pipeline draws it first (SD's x4 upscaler)
+    early = _noised(model, low_res, noise) if low_res is not None and getattr(model, "draws_condition_first",
+                                                                               False) else None
+    x = noise.draw(space_shape(model))  # drawn first in every other case, as diffusers' pipelines do
+    if start_x is not None:
+        x = forward(start_x, run.timesteps[0], x)
+    elif stepper is not None:
+        x = x * stepper.init_noise_sigma
     terms = make_terms(model, prompts, len(noise), views, components, guided=sampling.guidance != 1, sees=sees)
     if low_res is not None:
-        terms = _condition_on(model, terms, low_res, noise)
+        terms = _condition_on(terms, early or _noised(model, low_res, noise))
     constrain = None
     if keep is not None:
         filt, ref = keep
-        constrain = project(model.schedule, filt, _to_batch(ref, len(noise), shape, "reference"), noise)
-    return diffuse(model, x, terms, noise, run, reduce=reduce, constrain=constrain, resample=resample,
-                   callback=callback)
+        constrain = project(forward, filt, to_space(model, _to_batch(ref, len(noise), shape, "reference")), noise)
+    return from_space(model, diffuse(model, x, terms, noise, run, reduce=reduce, constrain=constrain,
+                                     resample=resample, callback=callback, stepper=stepper))
 
 
-def project(schedule: Schedule, filt: Filter, reference: Tensor, noise: Noise):
-    """A constraint keeping filt(x_t) equal to filt of the reference noised to the same t."""
+def project(schedule: Schedule | Callable, filt: Filter, reference: Tensor, noise: Noise):
+    """A constraint keeping filt(x_t) equal to filt of the reference noised to the same t (by the schedule's
+    forward process, or by `schedule` itself where it is a step rule's add_noise)."""
+    forward = schedule.forward if isinstance(schedule, Schedule) else schedule
+
     def constrain(x: Tensor, t: int) -> Tensor:
-        ref_t = reference if t == CLEAN else schedule.forward(reference, t, noise.draw(x.shape[1:]))
+        ref_t = reference if t == CLEAN else forward(reference, t, noise.draw(x.shape[1:]))
         return x - filt(x) + filt(ref_t)
     return constrain
+
+
+def check_views(model: Denoiser, views: Sequence | None) -> None:
+    """Refuses, in one line, a view that does not act on the grid of the model's space."""
+    allowed = getattr(model, "view_names", None)
+    bad = [v.name for v in views or () if v is not None and allowed is not None and v.name not in allowed]
+    if bad:
+        raise UsageError(f"view {bad[0]!r} does not act on {getattr(model, 'space_name', 'this model')}; "
+                         f"the views that do: {', '.join(allowed)}")
+
+
+def check_kind(model: Denoiser, kind: str) -> None:
+    """Refuses, in one line, a hybrid kind whose filters do not work in the model's space."""
+    kinds = getattr(model, "hybrid_kinds", None)
+    if kinds is not None and kind not in kinds:
+        raise UsageError(f"a {kind!r} hybrid does not work on {getattr(model, 'space_name', 'this model')}: "
+                         f"use --kind {' or '.join(kinds)}")
 
 
 def _to_batch(image: Tensor, n: int, shape: tuple, what: str) -> Tensor:
@@ -91,11 +124,15 @@ def _to_batch(image: Tensor, n: int, shape: tuple, what: str) -> Tensor:
     return image.expand(n, *shape) if image.shape[0] == 1 else image
 
 
-def _condition_on(model: Denoiser, terms: list[Term], low_res: LowRes, noise: Noise) -> list[Term]:
+def _noised(model: Denoiser, low_res: LowRes, noise: Noise) -> tuple[Tensor, Tensor]:
     if not hasattr(model, "noised_condition"):
         raise UsageError("this model is not a super-resolution model: it takes no low-resolution image")
-    shape = (low_res.images.shape[1], model.size, model.size)
-    image, levels = model.noised_condition(low_res.images.to(noise.device), noise.draw(shape), low_res.noise_level)
+    shape = (low_res.images.shape[1], *space_shape(model)[1:])
+    return model.noised_condition(low_res.images.to(noise.device), noise.draw(shape), low_res.noise_level)
+
+
+def _condition_on(terms: list[Term], noised: tuple[Tensor, Tensor]) -> list[Term]:
+    image, levels = noised
     return [replace(term, cond=term.cond.with_image(image, levels),
                     uncond=None if term.uncond is None else term.uncond.with_image(image, levels))
             for term in terms]
@@ -104,6 +141,13 @@ def _condition_on(model: Denoiser, terms: list[Term], low_res: LowRes, noise: No
 # ---- named tasks: each one line over `generate` -------------------------------------------------
 def sample(model: Denoiser, prompt: Prompt, seeds: Sequence[int], sampling: Sampling, **kw) -> Tensor:
     return generate(model, seeds, [prompt], sampling, **kw)
+
+
+def upscale(model: Denoiser, image: Tensor, prompt: Prompt, seeds: Sequence[int], sampling: Sampling,
+            noise_level: int = 20, **kw) -> Tensor:
+    """A super-resolution model's sample conditioned on `image` (one for all, or one per seed)."""
+    images = image.expand(len(seeds), *image.shape[1:]) if image.shape[0] == 1 else image
+    return generate(model, seeds, [prompt], sampling, low_res=LowRes(images, noise_level), **kw)
 
 
 def edit(model: Denoiser, image: Tensor, prompt: Prompt, seeds: Sequence[int], sampling: Sampling, start: int,
@@ -116,7 +160,15 @@ def inpaint(model: Denoiser, image: Tensor, mask: Tensor, prompt: Prompt, seeds:
             **kw) -> Tensor:
     """Regenerate where mask = 1, keep the image exactly where mask = 0 (RePaint with `resample` > 1)."""
     mask = mask.to(image)
-    return generate(model, seeds, [prompt], sampling, keep=(lambda x: (1 - mask) * x, image), **kw)
+
+    def outside(x: Tensor) -> Tensor:  # at the resolution of x: a latent cell with any masked pixel is redone
+        m = mask if mask.shape[-2:] == x.shape[-2:] else F.adaptive_max_pool2d(mask, x.shape[-2:])
+        return (1 - m) * x
+
+    out = generate(model, seeds, [prompt], sampling, keep=(outside, image), **kw)
+    # in pixels, the image exactly outside the mask whatever space the model denoised in (a no-op for pixel
+    # models, whose constraint already left it so)
+    return out - outside(out) + outside(image.to(out))
 
 
 def anagram(model: Denoiser, prompts: Sequence[Prompt], views: Sequence, seeds: Sequence[int], sampling: Sampling,
@@ -137,7 +189,8 @@ def hybrid(model: Denoiser, prompts: Sequence[Prompt], seeds: Sequence[int], sam
     from high. Component i is seen in the sum of components 0..i: the low prompt blurred (from afar), the
     high one in the whole image; a guide reads each prompt there.
     """
-    components = make_components(kind, model.size, sigma)
+    check_kind(model, kind)
+    components = make_components(kind, space_shape(model)[-1], sigma)
     if len(prompts) != len(components):
         raise UsageError(f"a {kind!r} hybrid needs {len(components)} prompts, got {len(prompts)}")
     keep = None

@@ -25,13 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-)
 from PIL import Image
 from torch import Tensor
 
@@ -293,19 +286,5 @@ def _missing(folder: Path) -> str | None:
 @functools.cache  # the hub is asked about a repo once per process
 def _download(repo: str, half: bool) -> Path:
     """Configs, tokenizer and processor files and the model's safetensors (fp16 variants only for half)."""
-    offline = hub_constants.is_offline_mode()
-    try:
-        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt", "model*.safetensors"],
-                                      ignore_patterns=None if half else ["*.fp16.*"], local_files_only=offline))
-    except GatedRepoError:
-        raise MirageError(f"{repo} is gated: accept the licence at https://huggingface.co/{repo} and run "
-                          f"`hf auth login` or set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise MirageError(f"{repo} is neither a local folder nor a model on the hub (or it is private and no "
-                          f"token is set): check the id, e.g. {DEFAULT_CLIP}, or pass a folder") from None
-    except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-        raise MirageError(f"the weights of {repo} are not on this machine and {why}: they must be downloaded "
-                          f"once, run `hf download {repo}` with network, or pass a local folder") from None
-    except OSError as e:  # disk full, permissions, a hub error answer
-        raise MirageError(f"cannot download {repo}: {hub._first_line(e)}") from None
+    return hub.download(repo, ["*.json", "*.txt", "model*.safetensors"], None if half else ["*.fp16.*"],
+                        DEFAULT_CLIP)

@@ -1,0 +1,233 @@
+"""Stable Diffusion, assembled from its parts, and the x4 upscaler, as Denoisers in VAE latent space.
+
+As the walk-through builds it: `AutoencoderKL` (image <-> latents, times its scaling factor),
+`CLIPTextModel` + `CLIPTokenizer` (prompts -> embeddings, loaded for the prompts not seen yet and freed),
+`UNet2DConditionModel` (loaded on first call) and the folder's scheduler config (engine Sampling.scheduler
+via schedulers.py). The model works in latents; it says how to enter and leave them (`encode_image`,
+`decode`), what they look like (`space_shape`) and which views act on their grid (a latent cell is a
+`factor` x `factor` pixel block: flips, rotations and whole-cell permutations commute with the VAE, negate
+and pixel permutations do not). Tasks and the loop never ask more.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from mirage.backends import hub
+from mirage.backends.schedulers import own_name
+from mirage.engine.denoiser import Cond
+from mirage.engine.sample import Noise
+from mirage.engine.schedule import Schedule
+from mirage.errors import MirageError, UsageError
+
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+PUBLISHED = ("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+             "stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
+UPSCALERS = ("stabilityai/stable-diffusion-x4-upscaler",)
+PARTS = (hub.UNET, hub.VAE, hub.SCHEDULER, hub.TEXT_ENCODER, hub.TOKENIZER)
+# the views that act on a latent grid (every piece whole latent cells); negate and pixel_permute do not
+LATENT_VIEWS = ("identity", "flip", "mirror", "rotate_cw", "rotate_ccw", "rotate_180", "skew", "patch_permute",
+                "jigsaw", "inner_circle", "square_hinge")
+LATENT_HYBRIDS = ("lowhigh", "lowmidhigh")  # blurs on the latent grid; gray/color and motion need pixels
+
+
+def kind_of(ref: str) -> str | None:
+    """"sd", "upscale", or None where `ref` is no Stable Diffusion model (found without loading weights)."""
+    if Path(ref).expanduser().is_dir():
+        index = hub.model_index(ref)
+        name = (index or {}).get("_class_name")
+        return "sd" if name in SD_PIPELINES else "upscale" if name == UPSCALE_PIPELINE else None
+    if ref in UPSCALERS or "upscaler" in ref.lower() and "stable-diffusion" in ref.lower():
+        return "upscale"
+    if ref in PUBLISHED or "stable-diffusion" in ref.lower():
+        return "sd"
+    return None
+
+
+def load_sd(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+            size: int | None = None):
+    """StableDiffusion or SDUpscaler, whichever `ref` is."""
+    return (SDUpscaler if kind_of(ref) == "upscale" else StableDiffusion)(ref, device, dtype, size)
+
+
+class StableDiffusion:
+    space_name = "Stable Diffusion's latent grid"
+    view_names = LATENT_VIEWS
+    hybrid_kinds = LATENT_HYBRIDS
+    is_upscaler = False
+    parts = PARTS
+
+    def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 size: int | None = None):
+        self._device = torch.device(device)
+        self._dtype = dtype or hub.default_dtype(self._device)
+        self.ref = ref
+        try:
+            self.folder = hub.resolve(ref, self.parts, self._dtype)
+        except MirageError as e:  # a local folder lacking a part is bad input; a failed download is not
+            if hub.hub_id(ref) is not None:
+                raise
+            raise UsageError(f"{e} (a Stable Diffusion folder needs {', '.join(self.parts)})") from None
+        self.index = hub.model_index(str(self.folder)) or {}
+        want = UPSCALE_PIPELINE if self.is_upscaler else "StableDiffusionPipeline"
+        if self.index.get("_class_name") == UPSCALE_PIPELINE and not self.is_upscaler:
+            raise UsageError(f"{ref} is the x4 upscaler: use `mirage upscale --model {ref}` or --stage3 {ref}")
+        self.unet_config = hub.read_config(self.folder, hub.UNET)
+        self.vae_config = hub.read_config(self.folder, hub.VAE)
+        text_config = hub.read_config(self.folder, hub.TEXT_ENCODER)
+        self.scheduler_config = hub.read_config(self.folder, hub.SCHEDULER)
+        self.schedule = Schedule.from_config(self.scheduler_config)
+        self.scheduler_name = own_name(self.scheduler_config) or "ddim"
+        self.latent_channels = self.vae_config.get("latent_channels", 4)
+        self.factor = 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
+        self.scaling = self.vae_config.get("scaling_factor", 0.18215)
+        self.channels = self.vae_config.get("in_channels", 3)
+        self.cond_channels = self.unet_config.get("in_channels", 0) - self.latent_channels
+        if self.cond_channels != (self.channels if self.is_upscaler else 0):
+            raise UsageError(f"{ref}: the VAE makes {self.latent_channels}-channel latents but the UNet takes "
+                              f"{self.unet_config.get('in_channels')} input channels: the parts do not match "
+                              f"(a {want} needs {self.latent_channels + (self.channels if self.is_upscaler else 0)})")
+        width = text_config.get("hidden_size")
+        if self.unet_config.get("cross_attention_dim") != width:
+            raise UsageError(f"{ref}: the text encoder gives {width}-wide embeddings but the UNet attends to "
+                              f"{self.unet_config.get('cross_attention_dim')}: the parts do not match")
+        self.unit = self.factor * 2 ** (len(self.unet_config.get("block_out_channels", [0])) - 1)
+        sample = self.unet_config.get("sample_size", 64)
+        self.default_size = (sample[0] if isinstance(sample, (list, tuple)) else sample) * self.factor
+        self.size = self.default_size
+        if size is not None:
+            self.set_size(size)
+        self._unet = self._vae = None
+        self._embeds: dict[str, Tensor] = {}  # by prompt, for this encoder
+
+    # ---- what the seam asks -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def space_shape(self) -> tuple[int, int, int]:
+        side = self.size // self.factor
+        return (self.latent_channels, side, side)
+
+    def set_size(self, size: int) -> None:
+        """Images of `size` px a side: a multiple of the VAE factor times the UNet's downsampling."""
+        if not isinstance(size, int) or size <= 0 or size % self.unit:
+            raise UsageError(f"--size {size} does not fit {self.ref}: use a multiple of {self.unit} px (its VAE "
+                             f"factor {self.factor} x the UNet's downsampling), e.g. {self.default_size}")
+        self.size = size
+
+    def encode(self, prompts: list[str]) -> Cond:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            self._embeds.update(zip(missing, self._run_text_encoder(missing)))
+        return Cond(embeds=torch.stack([self._embeds[p] for p in prompts]).to(self._device, self._dtype))
+
+    def _run_text_encoder(self, prompts: list[str]) -> list[Tensor]:
+        """CLIP loaded alone, run as StableDiffusionPipeline.encode_prompt does, and freed."""
+        with hub._loading(self.folder, hub.TOKENIZER):
+            tokenizer = CLIPTokenizer.from_pretrained(self.folder, subfolder=hub.TOKENIZER)
+        with hub._loading(self.folder, hub.TEXT_ENCODER):
+            model = CLIPTextModel.from_pretrained(
+                self.folder, subfolder=hub.TEXT_ENCODER, dtype=self._dtype, use_safetensors=True,
+                variant=hub.variant(self.folder / hub.TEXT_ENCODER, self._dtype)).to(self._device).eval()
+        try:
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt")
+            mask = ids.attention_mask.to(self._device) if getattr(model.config, "use_attention_mask", False) \
+                else None
+            with torch.no_grad():
+                out = model(ids.input_ids.to(self._device), attention_mask=mask)[0]
+            return list(out.cpu())
+        finally:
+            del model
+            hub.release(self._device)
+
+    def encode_image(self, images: Tensor, noise: Noise | None = None) -> Tensor:
+        """Images in [-1, 1] -> latents x scaling factor: a sample of the VAE's posterior drawn from each
+        image's own generator (as the img2img pipeline does), or its mean without `noise`."""
+        with torch.no_grad():
+            dist = self.vae().encode(images.to(self._device, self._dtype)).latent_dist
+            if noise is None:
+                z = dist.mean
+            else:
+                z = dist.mean + dist.std * noise.draw(dist.mean.shape[1:]).to(dist.mean)
+        return (self.scaling * z).float()
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1]; one image at a time on a GPU (the VAE's peak memory is large)."""
+        per = 1 if self._device.type == "cuda" else len(x)
+        vae = self.vae()
+        with torch.no_grad():
+            parts = [vae.decode((x[i:i + per] / self.scaling).to(self._device, self._dtype), return_dict=False)[0]
+                     for i in range(0, len(x), per)]
+        return torch.cat(parts).float().clamp(-1, 1)
+
+    def __call__(self, x: Tensor, t, cond: Cond) -> tuple[Tensor, Tensor | None]:
+        if self.is_upscaler and (cond.image is None or cond.level is None):
+            raise ValueError("the upscaler needs cond.image and cond.level (from noised_condition)")
+        unet = self.unet()
+        inp = x if cond.image is None else torch.cat([x, cond.image.to(x)], dim=1)
+        level = None if cond.level is None else cond.level.to(self._device)
+        with torch.no_grad():
+            out = unet(inp.to(self._device, self._dtype), torch.tensor(t, device=self._device),
+                       encoder_hidden_states=cond.embeds.to(self._device, self._dtype), class_labels=level,
+                       return_dict=False)[0]
+        return out.float().to(x.device), None
+
+    # ---- the parts, loaded when first needed ---------------------------------------------------------
+    def unet(self) -> UNet2DConditionModel:
+        if self._unet is None:
+            self._unet = self._load(UNet2DConditionModel, hub.UNET)
+        return self._unet
+
+    def vae(self) -> AutoencoderKL:
+        if self._vae is None:
+            self._vae = self._load(AutoencoderKL, hub.VAE)
+            if self.size > 1024:
+                self._vae.enable_tiling()
+        return self._vae
+
+    def _load(self, cls, part: str):
+        with hub._loading(self.folder, part):
+            return cls.from_pretrained(self.folder, subfolder=part, dtype=self._dtype, use_safetensors=True,
+                                       variant=hub.variant(self.folder / part, self._dtype)).to(self._device).eval()
+
+    def free(self) -> None:
+        self._unet = self._vae = None
+        hub.release(self._device)
+
+
+class SDUpscaler(StableDiffusion):
+    """The x4 upscaler: latents at the low-res image's size, that image (noised to a level, which the UNet
+    takes as its class label) concatenated to them, decoded `factor` times larger."""
+
+    is_upscaler = True
+    parts = PARTS + (hub.LOW_RES,)
+    draws_condition_first = True  # StableDiffusionUpscalePipeline noises the image before drawing latents
+
+    def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 size: int | None = None):
+        super().__init__(ref, device, dtype, size)
+        self.low_res_scheduler = DDPMScheduler.from_config(hub.read_config(self.folder, hub.LOW_RES))
+        self.max_noise_level = self.index.get("max_noise_level", 350)
+
+    def noised_condition(self, low_res: Tensor, noise: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        if not 0 <= level <= self.max_noise_level:
+            raise UsageError(f"--noise-level must be between 0 and {self.max_noise_level} for {self.ref}, "
+                             f"got {level}")
+        side = self.space_shape[-1]
+        if low_res.shape[-1] != side:
+            low_res = F.interpolate(low_res, (side, side), mode="bicubic", align_corners=False).clamp(-1, 1)
+        levels = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
+        return self.low_res_scheduler.add_noise(low_res, noise.to(low_res), levels), levels
