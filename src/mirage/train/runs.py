@@ -6,14 +6,24 @@
     RUN/metrics.jsonl       one JSON object per logged step and per epoch
     RUN/loss.png            the loss curve
     RUN/samples/epoch_NNN.png, RUN/samples.gif   a sample grid after each epoch, and all of them as a GIF
+    RUN/train.lock          while a `mirage train` works in RUN: its pid and host (a second one refuses)
 
 Checkpoint files are replaced atomically (mirage.io.atomic_write with replace=True), so a run killed at any moment
-leaves the previous checkpoint or the new one, never half a file.
+leaves the previous checkpoint or the new one, never half a file; the hidden temporary file a kill can leave
+is removed by the next resume. Both checkpoint files carry a SHA-256 of their tensors in their metadata, which
+a resume verifies, and a checkpoint is never written from weights that hold NaN or inf.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import math
+import os
+import re
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -26,17 +36,160 @@ from mirage.backends.small import FORMAT
 from mirage.errors import MirageError, UsageError
 from mirage.io import atomic_write
 
-CONFIG, MODEL, STATE, METRICS, LOSS_PNG, GIF = (
-    "config.json", "model.safetensors", "state.safetensors", "metrics.jsonl", "loss.png", "samples.gif")
+CONFIG, MODEL, STATE, METRICS, LOSS_PNG, GIF, LOCK = (
+    "config.json", "model.safetensors", "state.safetensors", "metrics.jsonl", "loss.png", "samples.gif",
+    "train.lock")
+CHECKSUM = "sha256"  # metadata key: the SHA-256 of a checkpoint's tensors (tensor_digest)
+# what a killed atomic_write leaves: `.tmp-<name>.XXXXXXXX<ext>` (or `.tmpXXXXXXXX`), and mkstemp's older
+# `.<name>.XXXXXXXX<ext>`
+PARTIAL = re.compile(r"^\.(tmp.*|.+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?)$")
 
 
-def new_run(out: Path, config: dict) -> Path:
-    """Create the run folder and its config.json; an existing non-empty folder is left alone."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def new_run(out: Path, config: dict) -> RunLock:
+    """Create the run folder, claim it, and write its config.json; an existing non-empty folder is left alone.
+    Returns the claim, to release when the training ends."""
+    if out.exists() and not out.is_dir():
         raise UsageError(f"{out} already exists: continue it with --resume {out}, or choose another --out")
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"), replace=True)
-    return out
+    out.mkdir(parents=True, exist_ok=True)
+    lock = claim(out)  # a second run started into the same --out at the same moment stops here
+    try:
+        samples = out / "samples"
+        if any(p.name not in (LOCK, "samples") for p in out.iterdir()) or (samples.is_dir() and any(samples.iterdir())):
+            raise UsageError(f"{out} already exists: continue it with --resume {out}, or choose another --out")
+        samples.mkdir(exist_ok=True)
+        atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"), replace=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+# ---- one training at a time in a run folder ----------------------------------------------------------
+class RunLock:
+    """RUN/train.lock, created with O_CREAT | O_EXCL and holding "pid host"; its holder also keeps an flock on
+    it, which the kernel drops when the holder dies (SIGKILL too), so a stale lock is told from a live one
+    without trusting a pid that may have been reused."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if _same_file(self.path, self.fd):
+                self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def claim(run: Path) -> RunLock:
+    """Claim `run` for this process, or a one-line MirageError naming the process that has it. A lock left by
+    a process that is gone (killed) is taken over."""
+    path = run / LOCK
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            if _take_stale(path):
+                continue
+            raise MirageError(f"{run} is in use by another mirage train ({_holder(path)}); wait for it to end, "
+                              f"or delete {path} if no training runs there") from None
+        except OSError as e:
+            raise MirageError(f"cannot claim {run}: cannot create {path} ({e.strerror or e})") from None
+        try:  # waits only while a contender checks whether this new file is stale
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no flock here: the pid alone tells a live holder
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        return RunLock(path, fd)
+    raise MirageError(f"cannot claim {run}: {path} keeps coming back; is another mirage train starting there?")
+
+
+def _flock(fd: int) -> str:
+    """Try to take the flock without waiting: "taken", "held" (by a live process) or "unsupported"."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return "taken"
+    except OSError as e:
+        return "held" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else "unsupported"
+
+
+def _take_stale(path: Path) -> bool:
+    """Remove `path` if its holder is gone; True if removed (or already gone), False if it is held."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        lock = _flock(fd)
+        if lock == "held":
+            return False
+        pid, host = _read_holder(fd)
+        if not pid and time.time() - os.fstat(fd).st_mtime < 10:
+            return False  # just created, its holder about to write its pid
+        if lock == "unsupported" and (host != socket.gethostname() or _alive(pid)):
+            return False  # without flock only a dead pid of this host is known to be gone
+        if _same_file(path, fd):  # not already replaced by another process taking it over
+            path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> tuple[int, str]:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        return int(text[0]), (text[1] if len(text) > 1 else "")
+    except (OSError, ValueError, IndexError):
+        return 0, ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid, host = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return "its lock file is being written"
+    return f"pid {pid}" + ("" if host == socket.gethostname() else f" on {host}")
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def remove_partials(run: Path) -> list[Path]:
+    """Delete the temporary files killed writes left in the run folder and its samples/ (call it holding the
+    claim, so that no live writer's file goes); returns what it removed."""
+    removed = []
+    for folder in (run, run / "samples"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if PARTIAL.match(p.name) and p.is_file() and not p.is_symlink():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 def read_config(run: Path) -> dict:
@@ -51,18 +204,27 @@ def read_config(run: Path) -> dict:
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 def save_checkpoint(run: Path, model_config: dict, step: int, epoch: int, raw: dict[str, Tensor],
-                    ema: dict[str, Tensor], optim: dict[str, Tensor], optim_meta: dict) -> None:
-    """state.safetensors first, then model.safetensors: a resume always finds a complete state."""
+                    ema: dict[str, Tensor], optim: dict[str, Tensor], optim_meta: dict,
+                    train_s: float | None = None, log_carry: tuple[float, int] | None = None) -> None:
+    """state.safetensors first, then model.safetensors: a resume always finds a complete state. `train_s`:
+    the seconds of training behind this step, all sessions of the run together; `log_carry`: the loss sum and
+    step count of the log interval under way."""
     meta = {"format": FORMAT, "config": json.dumps(model_config), "step": str(step), "epoch": str(epoch)}
+    if train_s is not None:
+        meta["train_s"] = f"{train_s:.3f}"
+    if log_carry is not None:
+        meta["log_carry"] = json.dumps([float(log_carry[0]), int(log_carry[1])])
     state = {**_prefixed("raw.", raw), **_prefixed("ema.", ema), **_prefixed("optim.", optim)}
     atomic_write(run / STATE, lambda p: save_file(state, str(p), metadata={
-        **meta, "optim": json.dumps(optim_meta)}), replace=True)
+        **meta, "optim": json.dumps(optim_meta), CHECKSUM: tensor_digest(state)}), replace=True)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in ema.items()}
-    atomic_write(run / MODEL, lambda p: save_file(weights, str(p), metadata=meta), replace=True)
+    atomic_write(run / MODEL, lambda p: save_file(weights, str(p), metadata={
+        **meta, CHECKSUM: tensor_digest(weights)}), replace=True)
 
 
 def load_state(run: Path) -> dict | None:
-    """{'step', 'epoch', 'raw', 'ema', 'optim', 'optim_meta'} of the last checkpoint, or None if there is none."""
+    """{'step', 'epoch', 'raw', 'ema', 'optim', 'optim_meta', 'train_s', 'log_carry'} of the last checkpoint, or None if
+    there is none. Its checksum (when it has one) must match and its tensors must be finite."""
     path = run / STATE
     if not path.is_file():
         return None
@@ -72,10 +234,36 @@ def load_state(run: Path) -> dict | None:
         tensors = load_file(str(path))
         split = {p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
                  for p in ("raw.", "ema.", "optim.")}
-        return dict(step=int(meta["step"]), epoch=int(meta["epoch"]), raw=split["raw."], ema=split["ema."],
-                    optim=split["optim."], optim_meta=json.loads(meta["optim"]))
+        state = {"step": int(meta["step"]), "epoch": int(meta["epoch"]), "raw": split["raw."],
+                 "ema": split["ema."], "optim": split["optim."], "optim_meta": json.loads(meta["optim"]),
+                 "train_s": float(meta["train_s"]) if "train_s" in meta else None,
+                 "log_carry": tuple(json.loads(meta["log_carry"])) if "log_carry" in meta else None}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise MirageError(f"{path} is damaged ({e.__class__.__name__}); the run cannot resume from it") from None
+    if CHECKSUM in meta and tensor_digest(tensors) != meta[CHECKSUM]:
+        raise MirageError(f"{path} fails its checksum: its tensors changed after it was written (a damaged "
+                          f"disk or copy); the run cannot resume from it")
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise MirageError(f"{path} holds NaN or inf values (in {bad}); the run cannot resume from it")
+    return state
+
+
+def tensor_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the tensors in name order: each one's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def first_nonfinite(tensors: dict[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                None)
 
 
 def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -185,4 +373,6 @@ def export_model(src: Path, dst: Path, dtype: torch.dtype = torch.float16) -> No
     if meta.get("format") != FORMAT:
         raise MirageError(f"{src} is not a mirage small-UNet checkpoint")
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
+    if CHECKSUM in meta:
+        meta = {**meta, CHECKSUM: tensor_digest(tensors)}
     atomic_write(dst, lambda p: save_file(tensors, str(p), metadata=meta), replace=True)
