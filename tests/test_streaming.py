@@ -94,7 +94,7 @@ def test_a_killed_run_is_recovered_by_the_next_one(tmp_path):
     old = tmp_path / "o"
     old.mkdir()
     (old / CLAIM).write_text(f"{dead.pid}\n")
-    (old / JOURNAL).write_text(json.dumps({"seed": 4, "file": "sample-seed4.png"}) + "\n")
+    (old / JOURNAL.format(rank=0)).write_text(json.dumps({"seed": 4, "file": "sample-seed4.png"}) + "\n")
     (old / ".tmp-sample-seed5.abc.png").write_bytes(b"half")
     run = RunDir(old, "sample")
     assert run.path == tmp_path / "o-2"

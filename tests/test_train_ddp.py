@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from test_train import TINY, make_idx
 
+from mirage import parallel
 from mirage.app.main import main
-from mirage.train import distributed, loop, runs
+from mirage.train import loop, runs
 
 SRC = str(Path(loop.__file__).parents[2])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC, "MIRAGE_DIST_TIMEOUT": "60"}
@@ -187,7 +188,7 @@ def test_batch_must_split_over_the_ranks(data_root, tmp_path, monkeypatch, capsy
 
 
 def test_single_process_context_is_the_identity():
-    ctx = distributed.Context()
+    ctx = parallel.Context()
     x = torch.arange(4.0)
     assert not ctx.active and ctx.main and ctx.shard(16) == slice(0, 16)
     assert ctx.mean(x) is x and ctx.decide(True) and not ctx.decide(False) and ctx.broadcast_object([1]) == [1]

@@ -3,6 +3,7 @@ asked), upscale them, write them. A `Job` says what differs per task: which imag
 model, how to show them. Long runs stream: chunk by chunk, each written and listed as soon as it is made."""
 from __future__ import annotations
 
+import gc
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -10,18 +11,23 @@ from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 import torch
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mirage import parallel
 from mirage.app.rundir import RunDir, disk_full
-from mirage.app.settings import Settings, resolve, stage_record
+from mirage.app.settings import CHUNK, Settings, resolve, stage_record
 from mirage.app.sheets import animate, best_above_rest, save_sheet
-from mirage.backends.load import load_model, load_upscaler, resolve_device
+from mirage.backends.load import is_small, load_model, load_upscaler, resolve_device
 from mirage.engine.guide import Guide, for_task
 from mirage.engine.sample import Sampling
 from mirage.engine.tasks import LowRes
 from mirage.errors import UsageError
+from mirage.io import load_image
 from mirage.quality.classifier import classifier_for, guide_for
+from mirage.quality.clip import ClipJudge
+from mirage.quality.clip import candidate_scores as clip_scores
 from mirage.quality.selection import best_first, candidate_scores, first_right
 
 # (model, items, sampling, low_res) -> the images of those items
@@ -43,58 +49,112 @@ class Job:
 
 @dataclass
 class Judge:
-    """The built-in classifier checking a job's images: how many tries each gets, how sure it must be."""
+    """What checks a job's images (a built-in classifier, or CLIP): how many tries each gets, how sure it must
+    be. `scores(images, prompts, maps)` -> (score, right) per image."""
 
-    classifier: object
-    model: object
+    name: str
+    scores: Callable
     prompts: list[str]
     maps: list
     tries: int
     confidence: float
 
     def __call__(self, images: Tensor, items: list[dict]):
-        return candidate_scores(self.classifier, self.model, images, [self.prompts] * len(images), self.maps,
-                                self.confidence)
+        return self.scores(images, [self.prompts] * len(images), self.maps)
+
+    def record(self) -> dict:
+        return dict(scorer=self.name, tries=self.tries,
+                    **({"confidence": self.confidence} if self.name == "classifier" else {}))
+
+
+class Models:
+    """Models kept loaded between runs of one process: `size` sets (a stage-I model and its upscaler), the
+    least recently used set freed when another model is picked. Size 0, the command line's, loads afresh."""
+
+    def __init__(self, size: int = 0):
+        self.size = size
+        self.sets: dict[str, dict] = {}  # stage-I reference -> {key: loaded}, least recently used first
+
+    def get(self, group: str, key: tuple, load: Callable):
+        if self.size < 1:
+            return load()
+        kept = self.sets.pop(group, {})
+        while self.sets and len(self.sets) >= self.size:  # freed before the next one loads
+            self.sets.pop(next(iter(self.sets)))
+            self.free()
+        self.sets[group] = kept
+        if key not in kept:
+            kept[key] = load()
+        return kept[key]
+
+    def clear(self) -> None:
+        self.sets.clear()
+        self.free()
+
+    @staticmethod
+    def free() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+models = Models()  # the web UI keeps one set; the command line none
 
 
 def execute(args, job: Job) -> int:
+    """Under torchrun each of N ranks makes every N-th image into the one run folder, which rank 0 claims
+    and describes; alone, a process makes them all."""
     settings = resolve(args, job.task)  # every value checked before any model loads
-    out = RunDir(settings.out, job.task, command=shlex.join(["mirage", *settings.argv]))
-    try:
-        with out:  # a run that stops early keeps its complete images, listed
-            result = make_run(settings, job, out)
-    except OSError as e:
-        full = disk_full(e, out.path)
-        if full is None:
-            raise
-        raise full from None
-    if not settings.quiet:
+    with parallel.session(resolve_device(settings.device)) as ctx:
+        out = _folder(settings, job, ctx)
+        try:
+            with out:  # a run that stops early keeps its complete images, listed
+                result, made = make_run(settings, job, out, ctx)
+        except OSError as e:
+            full = disk_full(e, out.path)
+            if full is None:
+                raise
+            raise full from None
+    if not settings.quiet and ctx.main:
         if "mp4_note" in out.extras:
             print(out.extras["mp4_note"], file=sys.stderr)
-        print(f"wrote {out.count} image(s) to {out.path} (see {result.name})")
+        print(f"wrote {made} image(s) to {out.path} (see {result.name})")
     return 0
 
 
-def make_run(s: Settings, job: Job, out: RunDir):
-    device = resolve_device(s.device)
-    model = load_model(s.model, device, s.memory, s.compile)
+def _folder(s: Settings, job: Job, ctx: parallel.Context) -> RunDir:
+    command = shlex.join(["mirage", *s.argv])
+    out = RunDir(s.out, job.task, command=command) if ctx.main else None
+    path = ctx.broadcast_object(None if out is None else str(out.path))
+    return out or RunDir.joined(path, job.task, command, ctx.rank)
+
+
+def make_run(s: Settings, job: Job, out: RunDir, ctx: parallel.Context):
+    """Makes this rank's images into `out`; returns (result.json, how many images the run made)."""
+    device = ctx.device
+    model = models.get(s.model, ("model", str(device), s.memory, s.compile),
+                       lambda: load_model(s.model, device, s.memory, s.compile))
     guide = _guide(s, model)
     stage1 = s.sampling(model, guide)
     if job.fits is not None:
         job.fits(model, stage1)
-    judge = _judge(s, job, model)
-    upscaler = load_upscaler(s.upscaler, s.model, device, s.memory, s.compile)
+    judge = _judge(s, job, model, device)
+    upscaler = models.get(s.model, ("upscaler", s.upscaler, str(device), s.memory, s.compile),
+                          lambda: load_upscaler(s.upscaler, s.model, device, s.memory, s.compile))
     stage2 = s.upscaling(upscaler) if upscaler is not None else None
     stages = [stage_record(s.model, model, stage1)]
     if upscaler is not None:
         stages.append(stage_record(s.upscaler, upscaler, stage2, noise_level=s.noise_level))
     record = dict(s.record(), stages=stages, **job.settings,
                   **(dict(classifier_guidance=guide.scale) if guide is not None else {}),
-                  **(dict(tries=judge.tries, confidence=judge.confidence) if judge is not None else {}))
-    shown: tuple[Tensor, list[dict]] | None = None  # the first chunk: what the sheet shows
+                  **(judge.record() if judge is not None else {}))
+    _encode_once(model, job, ctx)
     wrong = 0  # images the judge never read right
-    bar = tqdm(total=job.total, unit="image", disable=s.quiet or job.total <= s.chunk(job.total), desc=job.task)
-    for items in _chunks(job.items, s.chunk(job.total)):
+    mine = range(ctx.rank, job.total, ctx.world)  # this rank's share: every N-th image
+    per_chunk = s.chunk(len(mine))
+    bar = tqdm(total=len(mine), unit="image", disable=s.quiet or not ctx.main or len(mine) <= per_chunk,
+               desc=job.task)
+    for items in _chunks(islice(job.items, ctx.rank, None, ctx.world), per_chunk):
         images, items = _make(s, job, model, items, stage1, judge)
         wrong += sum(1 for item in items if item.get("right") is False)
         low = None
@@ -102,25 +162,73 @@ def make_run(s: Settings, job: Job, out: RunDir):
             getattr(model, "free", lambda: None)()
             low = images
             images = _batched(job.run, upscaler, items, stage2, s.batch_size, LowRes(low, s.noise_level))
-        if s.ranked:
-            order = best_first(torch.tensor([item["score"] for item in items]))
-            images, items = images[order], [dict(items[k], rank=r + 1) for r, k in enumerate(order.tolist())]
-            low = None if low is None else low[order]
+        if s.ranked:  # all candidates are one chunk, ranked against those of every rank
+            images, low, items = _ranked(ctx, images, low, items)
         _write(out, job, record, images, low, items, model.size)
-        shown = shown or (images, items)
-        out.save(force=False)
+        if ctx.main:
+            out.save(force=False)
         bar.update(len(items))
     bar.close()
+    made, wrong = (sum(v) for v in zip(*ctx.gather((out.count, wrong))))
+    ctx.barrier()  # every rank's images and journal are complete
+    if not ctx.main:  # rank 0 lists this rank's images from its journal
+        return None, made
     if wrong and judge.tries > 1 and not s.quiet:
-        print(f"{wrong} of {out.count} image(s) not read as their prompt(s) with {judge.confidence:.0%} "
+        print(f"{wrong} of {made} image(s) not read as their prompt(s) with {judge.confidence:.0%} "
               f"confidence in {judge.tries} tries: each keeps its best try (\"right\": false in result.json)",
               file=sys.stderr)
-    if job.sheet is not None and shown is not None:
-        images, items = shown
-        k = 1 if s.ranked else len(items)  # ranked: the best large, the rest small below
-        sheet = job.sheet(images[:k], items[:k], job.task, job.settings)
-        save_sheet(out, sheet if k == len(items) else best_above_rest(sheet, images[k:], items[k:]), "sheet.png")
-    return out.finish()
+    if job.sheet is not None:
+        save_sheet(out, _sheet(s, job, out), "sheet.png")
+    return out.finish(), made
+
+
+def _encode_once(model, job: Job, ctx: parallel.Context) -> None:
+    """Under torchrun, rank 0 encodes the prompts into the shared cache first; the others then read them."""
+    if not ctx.active:
+        return
+    if ctx.main:
+        model.encode(sorted({*_prompts(job), ""}))
+    ctx.barrier()
+
+
+def _prompts(job: Job) -> list[str]:
+    if "prompt" in job.settings:
+        return [job.settings["prompt"]]
+    return [p for p in job.settings.get("prompts", []) if p]
+
+
+def _ranked(ctx: parallel.Context, images: Tensor, low: Tensor | None, items: list[dict]):
+    """Every rank's candidates best first, with their rank; rank 0 holds them all (and writes them), the
+    others none. Made in the order of one process, so that equal scores keep that order."""
+    shares = ctx.gather((images, low, items))
+    if not ctx.main:
+        return images[:0], None if low is None else low[:0], []
+    order_all = [(r, k) for k in range(max(len(sh[2]) for sh in shares)) for r in range(len(shares))
+                 if k < len(shares[r][2])]
+    images = torch.stack([shares[r][0][k] for r, k in order_all])
+    low = None if low is None else torch.stack([shares[r][1][k] for r, k in order_all])
+    items = [shares[r][2][k] for r, k in order_all]
+    order = best_first(torch.tensor([item["score"] for item in items]))
+    items = [dict(items[k], rank=r + 1) for r, k in enumerate(order.tolist())]
+    return images[order], None if low is None else low[order], items
+
+
+def _sheet(s: Settings, job: Job, out: RunDir):
+    """The sheet of the run's first images (or, ranked, of the best above the rest), read back from their
+    files, so that it shows what was written whichever rank wrote it."""
+    entries = out.entries(CHUNK)
+    images = torch.stack([_read_back(out.path / e["file"]) for e in entries])
+    items = [{k: v for k, v in e.items() if k in ("seed", "start", "rank", "score", "right")} for e in entries]
+    k = 1 if s.ranked else len(items)  # ranked: the best large, the rest small below
+    sheet = job.sheet(images[:k], items[:k], job.task, job.settings)
+    return sheet if k == len(items) else best_above_rest(sheet, images[k:], items[k:])
+
+
+def _read_back(path) -> Tensor:
+    """A PNG the run wrote, as the tensor it was made from (to 8 bits): its own size and channels."""
+    with Image.open(path) as im:
+        size, channels = im.width, 1 if im.mode == "L" else 3
+    return load_image(path, size=size, channels=channels)[0]
 
 
 def _make(s: Settings, job: Job, model, items: list[dict], sampling: Sampling, judge: Judge | None):
@@ -185,25 +293,37 @@ def _guide(s: Settings, model) -> Guide | None:
     return for_task(classifier, s.task) if asked is None else Guide(classifier, asked)
 
 
-def _judge(s: Settings, job: Job, model) -> Judge | None:
-    """The classifier that checks this job's images, None where none does. Asked for (--pick best, --tries N),
-    it must exist, or the job stops here before any work; the default tries apply only where it can check
-    every prompt."""
+def _judge(s: Settings, job: Job, model, device) -> Judge | None:
+    """What checks this job's images, None where nothing does. Asked for (--pick best, --tries N), it must
+    be able to, or the job stops here before any work; the default tries apply only where a built-in
+    classifier can check every prompt."""
     asked = [f for f, on in (("--pick best", s.ranked), ("--tries", s.tries not in (None, 1))) if on]
     prompts, maps = job.checks(model.size) if job.checks is not None else ([], [])
+    scorer = s.scorer or ("classifier" if is_small(s.model) else "clip")
     if not asked:
         wanted = (s.tries is None and s.default_tries > 1 and job.checks is not None
-                  and all(p.strip() for p in prompts))
+                  and all(p.strip() for p in prompts) and scorer == "classifier")
         classifier = classifier_for(model) if wanted else None
         if classifier is None:
             return None
-        return Judge(classifier, model, list(prompts), list(maps), s.default_tries, s.confidence)
-    classifier = classifier_for(model)
-    if classifier is None:
-        raise UsageError(f"{asked[0]} checks images with a built-in model's classifier, and {s.model} has "
-                         f"none: drop it, or use --model fashion or digits")
+        return _classifier_judge(classifier, model, prompts, maps, s.default_tries, s.confidence)
     if job.checks is None:
         raise UsageError(f"{asked[0]} cannot check this {job.task}: only samples, anagrams and low/high hybrids")
     if not all(p.strip() for p in prompts):
-        raise UsageError(f"{asked[0]} checks images against class names: give every prompt a class, not \"\"")
-    return Judge(classifier, model, list(prompts), list(maps), s.tries or s.default_tries, s.confidence)
+        raise UsageError(f"{asked[0]} checks images against their prompts: give every prompt, not \"\"")
+    tries = s.tries or s.default_tries
+    if scorer == "clip":
+        clip = ClipJudge.load(s.clip, device)
+        return Judge(f"clip {s.clip}", lambda images, ps, ms: clip_scores(clip, images, ps, ms), list(prompts),
+                     list(maps), tries, s.confidence)
+    classifier = classifier_for(model)
+    if classifier is None:
+        raise UsageError(f"{asked[0]} with --scorer classifier checks images with a built-in model's classifier, "
+                         f"and {s.model} has none: use --scorer clip, or --model fashion or digits")
+    return _classifier_judge(classifier, model, prompts, maps, tries, s.confidence)
+
+
+def _classifier_judge(classifier, model, prompts, maps, tries: int, confidence: float) -> Judge:
+    def scores(images, ps, ms):
+        return candidate_scores(classifier, model, images, ps, ms, confidence)
+    return Judge("classifier", scores, list(prompts), list(maps), tries, confidence)

@@ -12,13 +12,20 @@ import json
 import os
 import shutil
 import time
+from itertools import islice, zip_longest
 from pathlib import Path
+from typing import Iterator
 
 from mirage.errors import MirageError, UsageError
 from mirage.io import TEMP_PREFIX, atomic_write, save_png
 
 CLAIM = ".mirage-run"  # present while a run writes into its folder
-JOURNAL = ".result.jsonl"
+JOURNAL = ".result-{rank}.jsonl"  # one per torchrun rank (one in a plain run): the entries it made, in order
+
+
+def journals(folder: Path) -> list[Path]:
+    """The run's journals in rank order."""
+    return sorted(folder.glob(JOURNAL.format(rank="*")), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
 
 
 def _alive(pid: int) -> bool:
@@ -44,8 +51,8 @@ def recover(folder: Path) -> None:
     for p in folder.iterdir():
         if p.name.startswith(TEMP_PREFIX):
             p.unlink(missing_ok=True)
-    journal = folder / JOURNAL
-    if journal.exists() and journal.stat().st_size:
+    parts = journals(folder)
+    if any(p.stat().st_size for p in parts):
         previous = {}
         try:
             previous = json.loads((folder / "result.json").read_text())
@@ -53,8 +60,9 @@ def recover(folder: Path) -> None:
             pass
         head = {k: v for k, v in previous.items() if k != "images"}
         head.update(complete=False, stopped=f"the run (process {pid}) was killed")
-        atomic_write(folder / "result.json", lambda tmp: write_result(tmp, journal, head), replace=True)
-    journal.unlink(missing_ok=True)
+        atomic_write(folder / "result.json", lambda tmp: write_result(tmp, parts, head), replace=True)
+    for p in parts:
+        p.unlink(missing_ok=True)
     claim.unlink(missing_ok=True)
 
 
@@ -97,14 +105,26 @@ def claim_folder(out: str | Path) -> Path:
         candidate, k = base.with_name(f"{base.name}-{k}"), k + 1
 
 
-def write_result(tmp: Path, journal: Path, head: dict) -> None:
-    """result.json: `head`'s keys, then "images", streamed line by line from the journal."""
+def entry_lines(parts: list[Path]) -> Iterator[str]:
+    """The complete entries of the journals, in the order of the run's images: rank r made images r, r + N,
+    r + 2N, ... of N ranks, so taking one line of each journal in turn restores the order of one process."""
+    files = [open(p) for p in parts]
+    try:
+        for row in zip_longest(*files):
+            for line in row:
+                if line is not None and line.endswith("\n") and line.strip():
+                    yield line.rstrip("\n")
+    finally:
+        for f in files:
+            f.close()
+
+
+def write_result(tmp: Path, parts: list[Path], head: dict) -> None:
+    """result.json: `head`'s keys, then "images", streamed line by line from the journals."""
     with open(tmp, "w") as f:
         f.write(json.dumps(head, indent=1, default=str)[:-2] + ',\n "images": [')
-        if journal.exists():
-            with open(journal) as lines:
-                for k, line in enumerate(ln for ln in lines if ln.strip()):
-                    f.write(("," if k else "") + "\n  " + line.rstrip("\n"))
+        for k, line in enumerate(entry_lines(parts)):
+            f.write(("," if k else "") + "\n  " + line)
         f.write("\n ]\n}\n")
 
 
@@ -119,6 +139,20 @@ class RunDir:
         self.path = claim_folder(requested)
         if self.path != requested:
             self.made = [self.path.absolute()]
+        self._setup(task, command, rank=0)
+
+    @classmethod
+    def joined(cls, path: Path, task: str, command: str, rank: int) -> "RunDir":
+        """Rank `rank`'s share of a folder that rank 0 claimed: its images and its journal; rank 0 alone
+        writes result.json."""
+        run = cls.__new__(cls)
+        run.path, run.made = Path(path), []
+        run._setup(task, command, rank)
+        return run
+
+    def _setup(self, task: str, command: str, rank: int) -> None:
+        self.rank = rank
+        self.journal = self.path / JOURNAL.format(rank=rank)
         self.task, self.command = task, command
         self.count = 0
         self.extras: dict = {}
@@ -139,16 +173,14 @@ class RunDir:
 
     def add(self, entry: dict) -> None:
         """List a complete image: in the journal at once, in result.json at the next save."""
-        with open(self.path / JOURNAL, "a") as f:
+        with open(self.journal, "a") as f:
             f.write(json.dumps(entry, default=str) + "\n")
         self.count += 1
 
     # ---- result.json --------------------------------------------------------------------------------
-    def entries(self) -> list[dict]:
-        journal = self.path / JOURNAL
-        if not journal.exists():
-            return []
-        return [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    def entries(self, limit: int) -> list[dict]:
+        """The first `limit` complete entries of the run, in order."""
+        return [json.loads(line) for line in islice(entry_lines(journals(self.path)), limit)]
 
     def save(self, complete: bool = False, force: bool = True, **extras) -> Path:
         """result.json from the journal. Unforced, it is skipped while the last save is recent (rewriting
@@ -159,7 +191,7 @@ class RunDir:
             return path
         head = {"task": self.task, "command": self.command, **self.extras, **extras,
                 **({} if complete else {"complete": False})}
-        atomic_write(path, lambda tmp: write_result(tmp, self.path / JOURNAL, head), replace=True)
+        atomic_write(path, lambda tmp: write_result(tmp, journals(self.path), head), replace=True)
         self._saved_at = time.monotonic()
         self._save_cost = self._saved_at - now
         return path
@@ -170,8 +202,8 @@ class RunDir:
         return path
 
     def _release(self) -> None:
-        for name in (JOURNAL, CLAIM):
-            (self.path / name).unlink(missing_ok=True)
+        for p in [*journals(self.path), self.path / CLAIM] if self.rank == 0 else [self.journal]:
+            p.unlink(missing_ok=True)
 
     def __enter__(self) -> "RunDir":
         return self
@@ -179,7 +211,9 @@ class RunDir:
     def __exit__(self, kind, error, tb) -> None:
         if error is None:
             return
-        if self.count:  # keep what was made, listed; the run is marked incomplete
+        if self.rank:  # rank 0 lists what every rank made
+            return
+        if self.count or any(p.stat().st_size for p in journals(self.path)):  # keep what was made, listed; the run is marked incomplete
             try:
                 self.save(complete=False, stopped=_reason(error))
             except OSError:
@@ -191,7 +225,7 @@ class RunDir:
     def _remove(self) -> None:
         """Nothing complete: leave no trace but files the user put there."""
         for p in self.path.iterdir() if self.path.is_dir() else []:
-            if p.name in (JOURNAL, CLAIM) or p.name.startswith(TEMP_PREFIX):
+            if p.name == CLAIM or p in journals(self.path) or p.name.startswith(TEMP_PREFIX):
                 p.unlink(missing_ok=True)
         for p in self.made:
             try:

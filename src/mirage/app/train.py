@@ -2,7 +2,7 @@
 
 app.main calls `register(subparsers)`; each handler returns an exit code. Under torchrun
 (`torchrun --nproc_per_node N -m mirage train ...`) each command trains data-parallel over the N ranks
-(train.distributed); without it, in one process as always.
+(mirage.parallel); without it, in one process as always.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mirage import parallel
 from mirage.backends.load import resolve_device
 from mirage.errors import UsageError
-from mirage.train import classifier, distributed
+from mirage.train import classifier
 from mirage.train.loop import TrainConfig, make_model_config, train
 
 
@@ -109,16 +110,16 @@ def _check(args) -> None:
     if not args.checkpoint_every >= 0:  # also NaN
         raise UsageError(f"--checkpoint-every must be >= 0 seconds (0: after every step), got "
                          f"{args.checkpoint_every}")
-    distributed.check_batch(args.batch_size)
+    parallel.check_batch(args.batch_size)
 
 
 def _start(args, kind: str, **extra) -> int:
-    with distributed.one_voice():  # the arguments, before any rank waits for the others
+    with parallel.one_voice():  # the arguments, before any rank waits for the others
         if args.resume and args.out:
             raise UsageError("--resume continues the run in RUN_DIR: do not give --out with it")
         cfg = None if args.resume else _train_config(args, kind, **extra)
         device = resolve_device(args.device)
-    with distributed.session(device) as ctx:
+    with parallel.session(device) as ctx:
         if args.resume:
             run = Path(args.resume)
             code = train(run, ctx.device, kind=kind, epochs=args.epochs, quiet=args.quiet, ctx=ctx)
@@ -131,7 +132,7 @@ def _start(args, kind: str, **extra) -> int:
 
 
 def _run_classifier(args) -> int:
-    with distributed.session(resolve_device("cpu")) as ctx:  # the classifiers train on the CPU
+    with parallel.session(resolve_device("cpu")) as ctx:  # the classifiers train on the CPU
         return classifier.run(args, ctx)
 
 
@@ -140,7 +141,7 @@ def _run_denoiser(args) -> int:
 
 
 def _run_ddpm(args) -> int:
-    with distributed.one_voice():
+    with parallel.one_voice():
         if args.timesteps < 10:
             raise UsageError(f"--timesteps must be at least 10, got {args.timesteps}")
         if not 0 <= args.p_uncond < 1:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from mirage import parallel
 from mirage.backends.classes import CLASS_NAMES, canonical
 from mirage.engine.schedule import Schedule
 from mirage.errors import UsageError
@@ -29,7 +30,6 @@ from mirage.quality.metrics import (
     frechet_from_stats,
     prepare,
 )
-from mirage.train import distributed
 from mirage.train.data import load_dataset
 
 REFERENCE_COUNT = 1000  # real training images in the reference Fréchet distance (as many as a scored run)
@@ -65,10 +65,10 @@ def noised(x0: Tensor, generator: torch.Generator, t: int | None = None) -> tupl
 
 # ---- training -----------------------------------------------------------------------------------
 def train(model: Classifier, images: Tensor, labels: Tensor, epochs: int, batch_size: int = 128,
-          lr: float = 3e-3, seed: int = 0, log=print, ctx: distributed.Context | None = None) -> Classifier:
+          lr: float = 3e-3, seed: int = 0, log=print, ctx: parallel.Context | None = None) -> Classifier:
     """AdamW with a one-cycle learning rate: the fastest route to a good accuracy in a few epochs. A guide
     sees every image at a random noise level. `ctx`: this rank's place under torchrun (none: one process)."""
-    ctx = ctx or distributed.Context()
+    ctx = ctx or parallel.Context()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = prepare(images, model.config.size), labels
@@ -124,13 +124,13 @@ def add_arguments(p) -> None:
                    help="train a guide for --classifier-guidance: it learns the classes of noised images")
 
 
-def run(args, ctx: distributed.Context | None = None) -> int:
-    ctx = ctx or distributed.Context()
+def run(args, ctx: parallel.Context | None = None) -> int:
+    ctx = ctx or parallel.Context()
     data = canonical(args.data)
     channels = _parse_channels(args.channels)
     if args.epochs < 0 or args.batch_size < 1 or not args.lr > 0:
         raise UsageError("--epochs must be >= 0 (0: the default), --batch-size >= 1 and --lr > 0")
-    distributed.check_batch(args.batch_size, ctx.world)
+    parallel.check_batch(args.batch_size, ctx.world)
     target = Path(args.out) / "classifier.safetensors"
     if target.exists():
         raise UsageError(f"{target} exists; mirage never overwrites: give another --out")

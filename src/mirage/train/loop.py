@@ -5,7 +5,7 @@ random index gathers, t / noise / condition dropout are drawn on the device, los
 read back only every `log_every` steps; bf16 autocast on CUDA. Randomness is a pure function of (seed, step)
 and (seed, epoch), so a resumed run draws exactly what the killed one would have drawn.
 
-Under torchrun (train.distributed) each of N ranks trains a DistributedDataParallel copy on its own contiguous
+Under torchrun (mirage.parallel) each of N ranks trains a DistributedDataParallel copy on its own contiguous
 share (batch-size / N images) of every global batch of the epoch's permutation. Each rank draws the random
 numbers of the whole global batch and keeps its rows, so N ranks take the same steps as one process at the
 same --batch-size (up to the order of float sums). Rank 0 alone reads and writes the run folder.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from mirage import parallel
 from mirage.backends.classes import CLASS_NAMES, canonical
 from mirage.backends.small import SmallUNet
 from mirage.backends.unet import UNet, model_config
@@ -30,7 +31,7 @@ from mirage.engine.sample import Sampling
 from mirage.engine.schedule import Schedule
 from mirage.engine.tasks import sample
 from mirage.errors import MirageError, UsageError
-from mirage.train import distributed, runs
+from mirage.train import runs
 from mirage.train.data import load_dataset
 
 DENOISER_SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -134,11 +135,11 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
 # ---- the run ------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, run: Path, device: torch.device, quiet: bool = False,
-                 ctx: distributed.Context | None = None):
-        self.ctx = ctx = ctx or distributed.Context(device=device)
+                 ctx: parallel.Context | None = None):
+        self.ctx = ctx = ctx or parallel.Context(device=device)
         self.cfg, self.run, self.device, self.quiet = cfg, run, ctx.device if ctx.active else device, quiet
         device = self.device
-        distributed.check_batch(cfg.batch_size, ctx.world)
+        parallel.check_batch(cfg.batch_size, ctx.world)
         self.rank_batch = cfg.batch_size // ctx.world  # this rank's share of each global batch
         images, labels = load_dataset(cfg.data, "train", cfg.root)
         if cfg.subset < 0 or cfg.subset > len(images):
@@ -407,11 +408,11 @@ class Trainer:
 
 
 def train(out: Path, device: torch.device, cfg: TrainConfig | None = None, kind: str | None = None,
-          epochs: int | None = None, quiet: bool = False, ctx: distributed.Context | None = None) -> int:
+          epochs: int | None = None, quiet: bool = False, ctx: parallel.Context | None = None) -> int:
     """Start a run in `out` from `cfg`, or (cfg None) continue the one there from its last checkpoint, as a
     `kind` run, optionally for a different number of `epochs`. `ctx`: this rank's place under torchrun (none:
     one process). The run folder is claimed (RUN/train.lock) for as long as the training lasts."""
-    ctx = ctx or distributed.Context(device=device)
+    ctx = ctx or parallel.Context(device=device)
     resume = cfg is None
     lock = None
     try:

@@ -1,6 +1,7 @@
-"""Data-parallel training under torchrun: the process group, and the few collectives the training loops use.
+"""Running under torchrun: the process group, and the few collectives data-parallel training and sharded
+generation use.
 
-`torchrun --nproc_per_node N -m mirage train ...` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK in
+`torchrun --nproc_per_node N -m mirage train|sample|anagram|... ` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK in
 their environment; `session(device)` then joins them in one process group (gloo on the CPU, NCCL for CUDA
 tensors with gloo beside it for the small host-side agreements) on device cuda:LOCAL_RANK or the CPU. Without
 those variables (or with WORLD_SIZE 1) it is a no-op and every collective below returns its input: a single
@@ -126,6 +127,18 @@ class Context:
         flag = torch.tensor([int(not value)], dtype=torch.int32)
         dist.all_reduce(flag)
         return flag.item() == 0
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        box = [None] * self.world
+        dist.all_gather_object(box, obj)
+        return box
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
 
     def broadcast_object(self, obj):
         """Rank 0's `obj` (picklable: a config, a checkpoint's tensors) on every rank."""
