@@ -3,22 +3,17 @@ result.json as one process; a failing rank ends both with one line."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from ranks import ENV, run_by_hand
 from PIL import Image
 
 from mirage.app.main import main
 from mirage.io import read_settings
 
-SRC = str(Path(__file__).parents[1] / "src")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC, "MIRAGE_DIST_TIMEOUT": "60"}
-for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_name, None)
 
 
 def torchrun(*argv: str) -> subprocess.CompletedProcess:
@@ -68,11 +63,7 @@ def test_ranking_spans_the_ranks(tmp_path):
 FAILING_RANK = """
 import os, sys
 from mirage.app import pipeline
-import numpy as np
-from PIL import Image
-
 from mirage.app.main import main
-from mirage.io import read_settings
 
 real = pipeline._write
 def write(out, *a):
@@ -85,22 +76,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_failing_rank_ends_both_with_one_line(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "o"
     argv = ["sample", "--prompt", "bag", "--seeds", "0-3", "--steps", "2", "--tries", "1", "--device", "cpu", "--quiet",
             "--out", str(out)]
-    ranks = [subprocess.Popen([sys.executable, "-c", FAILING_RANK, *argv],
-                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    assert all(p.returncode != 0 for p in ranks), errs
+    codes, errs = run_by_hand(FAILING_RANK, argv)
+    assert all(code != 0 for code in codes), errs
     lines = [line for err in errs for line in err.splitlines() if line.startswith("mirage")]
     assert len(lines) == 1 and "rank 1 of 2" in lines[0] and "no space left" in lines[0].lower(), errs
     assert "Traceback" not in errs[0] + errs[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from ranks import ENV, run_by_hand
 from test_train import TINY, make_idx
 
 from mirage import parallel
 from mirage.app.main import main
 from mirage.train import loop, runs
 
-SRC = str(Path(loop.__file__).parents[2])
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC, "MIRAGE_DIST_TIMEOUT": "60"}
-for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_name, None)
 STEPS = 8  # 64 images, 16 a step, 2 epochs
 
 
@@ -132,12 +128,6 @@ def test_sigkill_of_one_rank_ends_the_job_and_one_process_resumes(data_root, ref
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary file of the killed write is left
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 FAILING_RANK = """
 import os, sys
 from mirage.app.main import main
@@ -156,17 +146,9 @@ sys.exit(main(sys.argv[1:]))
 
 def test_failure_on_one_rank_ends_both_with_one_line(data_root, tmp_path):
     """Two ranks started by hand (what torchrun sets up, without its agent ending the survivors)."""
-    out, port = tmp_path / "run", _free_port()
-    ranks = [subprocess.Popen([sys.executable, "-c", FAILING_RANK, "train", *args(data_root), "--out", str(out)],
-                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    try:
-        errs = [p.communicate(timeout=90)[1] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    assert [p.returncode for p in ranks] == [1, 1], errs
+    out = tmp_path / "run"
+    codes, errs = run_by_hand(FAILING_RANK, ["train", *args(data_root), "--out", str(out)], timeout=90)
+    assert codes == [1, 1], errs
     lines = mirage_lines(errs[0] + errs[1])
     assert lines == ["mirage train: error: rank 1 of 2: cannot write /data/x: no space left on device"], errs
     assert "Traceback" not in errs[0] + errs[1]

@@ -60,8 +60,10 @@ def _pieces(word: str) -> list[str]:
     return out + [run] if run else out
 
 
-def tokenizer() -> CLIPTokenizer:
-    vocab, merges = vocab_and_merges()
+def tokenizer(words=WORDS) -> CLIPTokenizer:
+    """CLIP's BPE tokenizer over a small vocabulary that spells `words` whole (Stable Diffusion's tiny text
+    encoder uses it too)."""
+    vocab, merges = vocab_and_merges(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 

@@ -22,11 +22,11 @@ from diffusers import (
     StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
+import tiny_clip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 WORDS = ("a an the of photo painting cat dog red blue old man woman rocket ship hat snowy mountain village "
          "skull high quality").split()
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WIDTH = 32  # CLIP's hidden size = the UNet's cross_attention_dim
 LATENT = 8  # latent side; images are 2x that
 
@@ -37,28 +37,8 @@ class TinySD:
     upscaler: Path  # StableDiffusionUpscalePipeline layout
 
 
-def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE over printable ASCII: every letter alone and as a word's end, plus merges that spell the
-    words above whole."""
-    symbols = [chr(c) for c in range(33, 127)]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    merges: list[tuple[str, str]] = []
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in merges:
-                merges.append(pair)
-                vocab.setdefault(pair[0] + pair[1], len(vocab))
-            parts = [pair[0] + pair[1]] + parts[2:]
-    vocab[BOS] = len(vocab)
-    vocab[EOS] = len(vocab)
-    return vocab, merges
-
-
 def tokenizer() -> CLIPTokenizer:
-    vocab, merges = vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return tiny_clip.tokenizer(WORDS)
 
 
 def text_encoder(tok: CLIPTokenizer) -> CLIPTextModel:
@@ -111,10 +91,3 @@ def build(root: Path, seed: int = 0) -> TinySD:
     up.save_pretrained(out.upscaler, safe_serialization=True)
     return out
 
-
-if __name__ == "__main__":
-    import sys
-    import time
-
-    t0 = time.perf_counter()
-    print(build(Path(sys.argv[1])), f"{time.perf_counter() - t0:.2f} s")

@@ -169,6 +169,17 @@ def _umask() -> int:
     return mask
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (the owner of a claim or a lock file)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
 TEMP_PREFIX = ".tmp-"  # atomic_write's temporary files: what a killed write leaves, and a later run removes
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mirage.errors import MirageError, UsageError
-from mirage.io import TEMP_PREFIX, atomic_write, save_png
+from mirage.io import TEMP_PREFIX, atomic_write, pid_alive, save_png
 
 CLAIM = ".mirage-run"  # present while a run writes into its folder
 JOURNAL = ".result-{rank}.jsonl"  # one per torchrun rank (one in a plain run): the entries it made, in order
@@ -28,16 +28,6 @@ def journals(folder: Path) -> list[Path]:
     return sorted(folder.glob(JOURNAL.format(rank="*")), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(folder: Path) -> None:
     """A run folder whose run was killed (its claim names a process that is gone): its temporary files are
     removed and result.json lists what its journal says was complete, so nothing made is lost."""
@@ -46,7 +36,7 @@ def recover(folder: Path) -> None:
         pid = int(claim.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    if _alive(pid):
+    if pid_alive(pid):
         return
     for p in folder.iterdir():
         if p.name.startswith(TEMP_PREFIX):

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mirage.backends.small import FORMAT
 from mirage.errors import MirageError, UsageError
-from mirage.io import atomic_write
+from mirage.io import atomic_write, pid_alive
 
 CONFIG, MODEL, STATE, METRICS, LOSS_PNG, GIF, LOCK = (
     "config.json", "model.safetensors", "state.safetensors", "metrics.jsonl", "loss.png", "samples.gif",
@@ -132,7 +132,7 @@ def _take_stale(path: Path) -> bool:
         pid, host = _read_holder(fd)
         if not pid and time.time() - os.fstat(fd).st_mtime < 10:
             return False  # just created, its holder about to write its pid
-        if lock == "unsupported" and (host != socket.gethostname() or _alive(pid)):
+        if lock == "unsupported" and (host != socket.gethostname() or pid_alive(pid)):
             return False  # without flock only a dead pid of this host is known to be gone
         if _same_file(path, fd):  # not already replaced by another process taking it over
             path.unlink()
@@ -147,16 +147,6 @@ def _read_holder(fd: int) -> tuple[int, str]:
         return int(text[0]), (text[1] if len(text) > 1 else "")
     except (OSError, ValueError, IndexError):
         return 0, ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _holder(path: Path) -> str:
