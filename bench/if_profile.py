@@ -61,12 +61,12 @@ def calls(b: Bench, stages: dict, embeds, modes: list[str], budget: float, start
     for name, batch in shapes:  # first the calls as they are, then compiled ones while the budget lasts
         stage = stages[name]
         x, cond = inputs[name, batch] = unet_inputs(stage, batch, embeds)
-        flops[name, batch] = count_flops(direct_call(stage, x, cond, stage.channels_last))
+        flops[name, batch] = count_flops(direct_call(stage.unet(), x, cond, stage.dtype, stage.device))
         with torch.no_grad():
             seconds = b.latency(lambda: stage(x, 500, cond))
         print(f"stage {name:<2} batch {batch:>2} mirage: {rate_text(seconds, flops[name, batch])}", flush=True)
         if not b.tiny:
-            shares = kernel_shares(direct_call(stage, x, cond, stage.channels_last))
+            shares = kernel_shares(direct_call(stage.unet(), x, cond, stage.dtype, stage.device))
             print("    GPU time: " + ", ".join(f"{f} {100 * s:.0f} %" for f, s in shares.items()), flush=True)
     for mode in [] if b.tiny else modes:  # compiling takes minutes on a CPU
         for name, batch in shapes:
@@ -76,7 +76,7 @@ def calls(b: Bench, stages: dict, embeds, modes: list[str], budget: float, start
                 continue
             stage, (x, cond) = stages[name], inputs[name, batch]
             saved = stage._graphs
-            stage._graphs = _Graphs(stage.unet(), mode)
+            stage._graphs = _Graphs(torch.compile(stage.unet(), mode=mode, dynamic=False))  # the whole model
             try:
                 t0 = time.perf_counter()
                 with torch.no_grad():

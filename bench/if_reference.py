@@ -1,6 +1,11 @@
-"""The plain reference loop for a visual anagram with DeepFloyd IF, as the published visual_anagrams sampler
-runs it: diffusers UNets and schedulers in fp16, the views looped in Python, one image at a time, the
-conditional and unconditional branches as separate UNet calls, the noise estimates averaged over views.
+"""A home-made reference loop for a visual anagram with DeepFloyd IF: NOT visual_anagrams and not the anchor.
+
+It is kept only as a correctness check of mirage's loop on tiny fp32 models on a CPU (bench/if_gpu.py --tiny),
+where visual_anagrams' own sampler cannot run (it asks for CUDA). It calls the conditional and unconditional
+branches and each view separately, one image at a time, which visual_anagrams does not (it batches them), so it
+is slower than the real thing (12.2 s against 4.4 s on an H100) and no speed is ever compared with it. The
+speed anchor of bench/if_gpu.py is visual_anagrams' own `sample_stage_1` / `sample_stage_2`, fetched at
+benchmark time, and diffusers' IF pipelines.
 """
 from __future__ import annotations
 

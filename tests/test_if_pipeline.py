@@ -1,10 +1,13 @@
 """mirage's loop on the tiny IF equals diffusers' IF pipelines for the same seed and settings."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import IFPipeline, IFSuperResolutionPipeline
 
-from mirage.backends.deepfloyd import load_stage
+from mirage.app.main import main
+from mirage.backends.deepfloyd import SCHEDULES, load_stage
 from mirage.engine import tasks
 from mirage.engine.sample import Sampling
 from mirage.engine.tasks import LowRes
@@ -86,3 +89,25 @@ def test_two_view_mean_step_by_hand_on_tiny_if(stages):
     e2u, _ = model(flip.view(x), 500, null)
     assert torch.allclose(eps, (cfg(e1c, e1u, 10.0) + flip.inverse(cfg(e2c, e2u, 10.0))) / 2, atol=1e-4)  # x10 guidance
     assert torch.allclose(var, (v1 + flip.inverse(v2)) / 2, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fast27", "smart27", "super40"])
+def test_named_schedules_equal_if_pipeline_given_those_timesteps(tiny_if_models, stages, name):
+    pipe = _pipe(IFPipeline, tiny_if_models.stage_1)
+    timesteps = list(SCHEDULES[name])
+    expected = pipe(prompt="a red cat", timesteps=timesteps, guidance_scale=7.0, output_type="pt",
+                    generator=torch.Generator("cpu").manual_seed(3), clean_caption=False).images
+    got = tasks.sample(stages[0], "a red cat", [3], Sampling(timesteps, guidance=7.0))
+    assert torch.allclose(got, expected.float(), atol=1e-4), (got - expected).abs().max()
+
+
+def test_schedule_is_recorded_and_checked(tiny_if_models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["sample", "--prompt", "a cat", "--model", str(tiny_if_models.stage_1), "--upscaler", "none",
+                 "--schedule", "fast27", "--out", str(out), "--quiet"]) == 0
+    stage = json.loads((out / "result.json").read_text())["images"][0]["stages"][0]
+    assert stage["timesteps"] == list(SCHEDULES["fast27"]) and stage["steps"] == 27
+    assert main(["sample", "--schedule", "smart27", "--steps", "5", "--out", str(tmp_path / "b")]) == 2
+    assert "drop --steps" in capsys.readouterr().err
+    assert main(["sample", "--schedule", "bogus", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown --schedule 'bogus'" in capsys.readouterr().err

@@ -95,8 +95,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", default="auto",
                    help="memory plan for IF: auto, gpu, offload, blocks, cpu (default auto: from free VRAM/RAM)")
     g.add_argument("--compile", action="store_true",
-                   help="IF on a GPU: torch.compile the UNets (about 1.5x faster; each new batch size compiles "
-                        "for 1-2 minutes the first time, cached after)")
+                   help="IF with its UNet resident on a GPU: compile the UNets' repeated blocks (measured on an "
+                        "H200: a 2-view 64->256 anagram in 2.1 s; the first process spends about 4 minutes "
+                        "compiling, later ones about 45 s, as the compiled code is cached)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     g.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-7,12 (overrides --seed/--n)")
@@ -123,7 +124,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per model call (default: all of a chunk of up to 64 at once); results do not "
                         "depend on it")
+    g.add_argument("--schedule", metavar="NAME",
+                   help="IF: one of DeepFloyd's published timestep lists instead of --steps: fast27, smart27, "
+                        "smart50, smart100, smart185, super27, super40, super100")
     s2 = p.add_argument_group("stage II (IF upscaler)")
+    s2.add_argument("--schedule2", metavar="NAME", help="stage II: a published timestep list instead of "
+                                                         "--steps2 (e.g. smart50)")
     s2.add_argument("--steps2", type=int, default=50, help="stage-II steps (default 50)")
     s2.add_argument("--guidance2", type=float, default=4.0, help="stage-II guidance (default 4)")
     s2.add_argument("--noise-level", type=int, default=None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mirage import __version__
 from mirage.app.args import parse_interval
 from mirage.app.defaults import task_defaults
+from mirage.backends.deepfloyd import SCHEDULES, named_timesteps
 from mirage.backends.load import is_sd, is_small, resolve_device
 from mirage.backends.schedulers import Scheduler, check_name
 from mirage.backends.memory import check_plan
@@ -47,6 +48,8 @@ class Settings:
     argv: tuple[str, ...]
     scorer: str | None = None  # --scorer: what checks candidates (None: the classifier of a built-in model, else CLIP)
     clip: str = DEFAULT_CLIP  # --clip: the CLIP model that scores where CLIP does
+    schedule: str | None = None  # --schedule: one of IF's published timestep lists instead of --steps
+    schedule2: str | None = None  # --schedule2: the same for stage II
     scheduler: str | None = None  # --scheduler; None: the model's own where it has one (Stable Diffusion)
     size: int | None = None  # --size (Stable Diffusion)
     stage3: str = "none"  # --stage3: the x4 upscaler after IF stage II
@@ -76,7 +79,9 @@ class Settings:
         if self.guidance_interval is not None and self.guidance_interval[0] >= T:
             raise UsageError(f"--guidance-interval {self.guidance_interval[0]}-{self.guidance_interval[1]} lies "
                              f"outside this model's timesteps 0..{T - 1}")
-        if self.spacing == "strided":
+        if self.schedule is not None:
+            timesteps = named_timesteps(self.schedule, schedule)
+        elif self.spacing == "strided":
             timesteps = schedule.strided()
         else:
             timesteps = schedule.timesteps(self.steps)
@@ -98,8 +103,9 @@ class Settings:
         T = upscaler.schedule.num_train_timesteps
         if not 0 <= self.noise_level < T:
             raise UsageError(f"--noise-level must be between 0 and {T - 1}, got {self.noise_level}")
-        return Sampling(tuple(upscaler.schedule.timesteps(self.steps2)), self.guidance2, None, self.sampler,
-                        self.eta, progress=not self.quiet)
+        timesteps = (named_timesteps(self.schedule2, upscaler.schedule) if self.schedule2 is not None
+                     else upscaler.schedule.timesteps(self.steps2))
+        return Sampling(tuple(timesteps), self.guidance2, None, self.sampler, self.eta, progress=not self.quiet)
 
     def record(self) -> dict:
         """The run-wide settings every image's record starts with."""
@@ -157,5 +163,18 @@ def resolve(args, task: str) -> Settings:
                     confidence=confidence, batch_size=args.batch_size, upscaler=args.upscaler,
                     steps2=args.steps2, guidance2=args.guidance2, noise_level=noise_level, out=args.out,
                     quiet=args.quiet, argv=tuple(args.argv), scorer=getattr(args, "scorer", None),
-                    clip=getattr(args, "clip", None) or DEFAULT_CLIP, scheduler=scheduler, size=size,
+                    clip=getattr(args, "clip", None) or DEFAULT_CLIP, schedule=_schedule(args, "schedule", "steps"),
+                    schedule2=_schedule(args, "schedule2", "steps2"), scheduler=scheduler, size=size,
                     stage3=getattr(args, "stage3", "none") or "none")
+
+
+def _schedule(args, option: str, steps: str) -> str | None:
+    """A published timestep list by name (checked here, before anything loads), which replaces --steps."""
+    name = getattr(args, option, None)
+    if name is None:
+        return None
+    if name not in SCHEDULES:
+        raise UsageError(f"unknown --{option} {name!r}: use one of {', '.join(SCHEDULES)}")
+    if option == "schedule" and args.steps is not None:
+        raise UsageError(f"--schedule {name} fixes the timesteps: drop --{steps}")
+    return name
