@@ -23,6 +23,7 @@ from diffusers.pipelines.deepfloyd_if import timesteps as published
 from torch import Tensor
 
 from mirage.backends import hub, memory
+from mirage.backends.base import Placed
 from mirage.backends.memory import check_plan
 from mirage.backends.prompts import PromptEncoder, default_cache_dir
 from mirage.engine.denoiser import Cond
@@ -79,7 +80,7 @@ def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype 
                compile=compile)
 
 
-class IFStage:
+class IFStage(Placed):
     """One IF stage (stage I here, stage II in IFUpscaler) from a hub id or a folder in the hub's layout.
 
     Prompts are encoded by the T5 of `text_encoder` (default: `ref` itself); give stage II the stage-I
@@ -125,14 +126,6 @@ class IFStage:
         self.compiled = False  # whether the loaded UNet's blocks are compiled
         self.first_call_seconds = 0.0  # first calls of new input shapes: compiling blocks, capturing graphs
         self._noted: set[str] = set()
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
 
     @property
     def is_upscaler(self) -> bool:

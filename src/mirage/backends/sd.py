@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from mirage.backends import hub
+from mirage.backends.base import Placed
 from mirage.backends.schedulers import own_name
 from mirage.engine.denoiser import Cond
 from mirage.engine.sample import Noise
@@ -56,7 +57,7 @@ def load_sd(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | N
     return (SDUpscaler if kind_of(ref) == "upscale" else StableDiffusion)(ref, device, dtype, size)
 
 
-class StableDiffusion:
+class StableDiffusion(Placed):
     space_name = "Stable Diffusion's latent grid"
     view_names = LATENT_VIEWS
     hybrid_kinds = LATENT_HYBRIDS
@@ -107,14 +108,6 @@ class StableDiffusion:
         self._embeds: dict[str, Tensor] = {}  # by prompt, for this encoder
 
     # ---- what the seam asks -------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     @property
     def space_shape(self) -> tuple[int, int, int]:
         side = self.size // self.factor
