@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import IFPipeline, IFSuperResolutionPipeline
+from diffusers.pipelines.deepfloyd_if import timesteps as published
 
 from mirage.app.main import main
-from mirage.backends.deepfloyd import SCHEDULES, load_stage
+from mirage.backends.deepfloyd import SCHEDULES, load_stage, named_timesteps
 from mirage.engine import tasks
 from mirage.engine.sample import Sampling
 from mirage.engine.tasks import LowRes
@@ -94,7 +95,7 @@ def test_two_view_mean_step_by_hand_on_tiny_if(stages):
 @pytest.mark.parametrize("name", ["fast27", "smart27", "super40"])
 def test_named_schedules_equal_if_pipeline_given_those_timesteps(tiny_if_models, stages, name):
     pipe = _pipe(IFPipeline, tiny_if_models.stage_1)
-    timesteps = list(SCHEDULES[name])
+    timesteps = list(named_timesteps(name, stages[0].schedule))
     expected = pipe(prompt="a red cat", timesteps=timesteps, guidance_scale=7.0, output_type="pt",
                     generator=torch.Generator("cpu").manual_seed(3), clean_caption=False).images
     got = tasks.sample(stages[0], "a red cat", [3], Sampling(timesteps, guidance=7.0))
@@ -106,8 +107,12 @@ def test_schedule_is_recorded_and_checked(tiny_if_models, tmp_path, capsys):
     assert main(["sample", "--prompt", "a cat", "--model", str(tiny_if_models.stage_1), "--upscaler", "none",
                  "--schedule", "fast27", "--out", str(out), "--quiet"]) == 0
     stage = json.loads((out / "result.json").read_text())["images"][0]["stages"][0]
-    assert stage["timesteps"] == list(SCHEDULES["fast27"]) and stage["steps"] == 27
+    assert stage["timesteps"] == list(published.fast27_timesteps) and stage["steps"] == 27
     assert main(["sample", "--schedule", "smart27", "--steps", "5", "--out", str(tmp_path / "b")]) == 2
     assert "drop --steps" in capsys.readouterr().err
     assert main(["sample", "--schedule", "bogus", "--out", str(tmp_path / "b")]) == 2
     assert "unknown --schedule 'bogus'" in capsys.readouterr().err
+
+
+def test_the_schedule_names_are_those_diffusers_ships():
+    assert sorted(SCHEDULES) == sorted(n.removesuffix("_timesteps") for n in dir(published) if n.endswith("_timesteps"))

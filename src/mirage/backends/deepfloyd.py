@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.pipelines.deepfloyd_if import timesteps as published
 from torch import Tensor
 
 from mirage.backends import hub, memory
@@ -45,8 +44,7 @@ from mirage.errors import MirageError, UsageError
 COMPILE_MODE = "default"
 COMPILE_BACKEND = "inductor"
 # DeepFloyd's own short timestep lists, as diffusers ships them (IFPipeline(..., timesteps=...)): --schedule NAME
-SCHEDULES = {name.removesuffix("_timesteps"): tuple(getattr(published, name))
-             for name in sorted(dir(published)) if name.endswith("_timesteps")}
+SCHEDULES = ("fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100")
 
 
 def named_timesteps(name: str, schedule: Schedule) -> tuple[int, ...]:
@@ -56,7 +54,9 @@ def named_timesteps(name: str, schedule: Schedule) -> tuple[int, ...]:
     if schedule.num_train_timesteps != 1000:
         raise UsageError(f"--schedule {name} lists timesteps of DeepFloyd IF's 1000-step schedule; this model "
                          f"was trained on {schedule.num_train_timesteps}: use --steps")
-    return SCHEDULES[name]
+    from diffusers.pipelines.deepfloyd_if import timesteps as published  # here: see hub's loaders
+
+    return tuple(getattr(published, f"{name}_timesteps"))
 
 
 # Dynamo's settings while a block is traced: only the dimensions marked dynamic (the batch) are symbolic, and

@@ -13,28 +13,18 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
 from torch import Tensor
 
 from mirage.engine.sample import Noise, validate
 from mirage.engine.schedule import CLEAN
 from mirage.errors import UsageError
 
-CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler,
-           "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-           "dpm++2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+# by name, the diffusers class that implements it (names, so that importing mirage loads none of them)
+CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+           "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+           "dpm++2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
 NAMES = tuple(CLASSES)
-# diffusers' class name -> mirage's name, for a folder's own scheduler
-BY_CLASS = {cls.__name__: name for name, cls in CLASSES.items()}
+BY_CLASS = {cls: name for name, cls in CLASSES.items()}
 
 
 def own_name(config: dict) -> str | None:
@@ -64,7 +54,9 @@ class Scheduler:
             raise UsageError(f"--steps must be between 1 and {T} (this model's schedule), got {self.steps}")
 
     def build(self):
-        return CLASSES[self.name].from_config(self.config)
+        import diffusers  # here, as hub's loaders do: importing it would cost every built-in model's run 1.5 s
+
+        return getattr(diffusers, CLASSES[self.name]).from_config(self.config)
 
     def timesteps(self) -> tuple:
         s = self.build()

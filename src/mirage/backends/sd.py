@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from mirage.backends import hub
 from mirage.backends.base import Placed
@@ -128,10 +126,11 @@ class StableDiffusion(Placed):
 
     def _run_text_encoder(self, prompts: list[str]) -> list[Tensor]:
         """CLIP loaded alone, run as StableDiffusionPipeline.encode_prompt does, and freed."""
+        import transformers  # here, as hub's loaders do: importing it would cost every built-in model's run
         with hub._loading(self.folder, hub.TOKENIZER):
-            tokenizer = CLIPTokenizer.from_pretrained(self.folder, subfolder=hub.TOKENIZER)
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(self.folder, subfolder=hub.TOKENIZER)
         with hub._loading(self.folder, hub.TEXT_ENCODER):
-            model = CLIPTextModel.from_pretrained(
+            model = transformers.CLIPTextModel.from_pretrained(
                 self.folder, subfolder=hub.TEXT_ENCODER, dtype=self._dtype, use_safetensors=True,
                 variant=hub.variant(self.folder / hub.TEXT_ENCODER, self._dtype)).to(self._device).eval()
         try:
@@ -179,14 +178,18 @@ class StableDiffusion(Placed):
         return out.float().to(x.device), None
 
     # ---- the parts, loaded when first needed ---------------------------------------------------------
-    def unet(self) -> UNet2DConditionModel:
+    def unet(self):
+        import diffusers  # here, as hub's loaders do: importing it would cost every built-in model's run 1.5 s
+
         if self._unet is None:
-            self._unet = self._load(UNet2DConditionModel, hub.UNET)
+            self._unet = self._load(diffusers.UNet2DConditionModel, hub.UNET)
         return self._unet
 
-    def vae(self) -> AutoencoderKL:
+    def vae(self):
+        import diffusers
+
         if self._vae is None:
-            self._vae = self._load(AutoencoderKL, hub.VAE)
+            self._vae = self._load(diffusers.AutoencoderKL, hub.VAE)
             if self.size > 1024:
                 self._vae.enable_tiling()
         return self._vae
@@ -211,8 +214,10 @@ class SDUpscaler(StableDiffusion):
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  size: int | None = None):
+        import diffusers
+
         super().__init__(ref, device, dtype, size)
-        self.low_res_scheduler = DDPMScheduler.from_config(hub.read_config(self.folder, hub.LOW_RES))
+        self.low_res_scheduler = diffusers.DDPMScheduler.from_config(hub.read_config(self.folder, hub.LOW_RES))
         self.max_noise_level = self.index.get("max_noise_level", 350)
 
     def noised_condition(self, low_res: Tensor, noise: Tensor, level: int) -> tuple[Tensor, Tensor]:
