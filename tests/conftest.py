@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import pytest
 import tiny_if
+import torch
+
+from mirage.backends.deepfloyd import load_stage
 
 
 @pytest.fixture(scope="session")
 def tiny_if_models(tmp_path_factory) -> tiny_if.TinyIF:
     """Stage-I and stage-II folders (TinyIF.stage_1 / .stage_2) loadable by mirage and by diffusers."""
     yield tiny_if.build(tmp_path_factory.mktemp("tiny-if"))
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_if_models):
+    """The tiny IF's stages I and II in fp32 on the CPU, loaded by mirage, once per test module."""
+    one = load_stage(str(tiny_if_models.stage_1), device="cpu", dtype=torch.float32)
+    two = load_stage(str(tiny_if_models.stage_2), device="cpu", dtype=torch.float32,
+                     text_encoder_from=str(tiny_if_models.stage_1))
+    return one, two
 
 
 @pytest.fixture(autouse=True)

@@ -45,14 +45,6 @@ def _calls(stage, batches=(2, 3), seed=0):
     return out
 
 
-@pytest.fixture(scope="module")
-def stages(tiny_if_models):
-    one = load_stage(str(tiny_if_models.stage_1), device="cpu", dtype=torch.float32)
-    two = load_stage(str(tiny_if_models.stage_2), device="cpu", dtype=torch.float32,
-                     text_encoder_from=str(tiny_if_models.stage_1))
-    return one, two
-
-
 def _agree(stage, backend: str, layout=None, atol=1e-5):
     calls = _calls(stage)
     with torch.inference_mode():

@@ -8,7 +8,7 @@ from diffusers import IFPipeline, IFSuperResolutionPipeline
 from diffusers.pipelines.deepfloyd_if import timesteps as published
 
 from mirage.app.main import main
-from mirage.backends.deepfloyd import SCHEDULES, load_stage, named_timesteps
+from mirage.backends.deepfloyd import SCHEDULES, named_timesteps
 from mirage.engine import tasks
 from mirage.engine.sample import Sampling
 from mirage.engine.tasks import LowRes
@@ -26,14 +26,6 @@ def _pipe(cls, folder, **kw):
 
 def _spaced(model, steps: int, guidance: float) -> Sampling:
     return Sampling.spaced(model.schedule, steps, guidance=guidance)
-
-
-@pytest.fixture(scope="module")
-def stages(tiny_if_models):
-    one = load_stage(str(tiny_if_models.stage_1), device="cpu", dtype=torch.float32)
-    two = load_stage(str(tiny_if_models.stage_2), device="cpu", dtype=torch.float32,
-                     text_encoder_from=str(tiny_if_models.stage_1))
-    return one, two
 
 
 @pytest.mark.parametrize("seed,steps,guidance", [(0, 6, 7.0), (42, 4, 1.0)])

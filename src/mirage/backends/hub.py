@@ -85,13 +85,20 @@ def resolve(ref: str, parts: Sequence[str], dtype: torch.dtype = torch.float32) 
     repo = hub_id(ref)
     folder = Path(ref).expanduser() if repo is None else _download(repo, tuple(parts), dtype in HALF)
     for part in parts:
-        problem = _layout_problem(folder, part)
-        if problem and repo is not None:
-            raise MirageError(f"the downloaded copy of {repo} is incomplete ({problem}): run "
-                              f"`hf download {repo}` or `mirage fetch {repo}` with network")
-        if problem:
-            raise MirageError(f"{folder} is not a model folder in the hub's layout: {problem}")
+        check_complete(_layout_problem(folder, part), folder, repo, "a model folder in the hub's layout",
+                       fetch_hint=True)
     return folder
+
+
+def check_complete(problem: str | None, folder: Path, repo: str | None, what: str, fetch_hint: bool = False,
+                   error: type[MirageError] = MirageError) -> None:
+    """One line for what a model folder lacks: a download to repeat, or a local folder that is not `what`."""
+    if problem and repo is not None:
+        fetch = f" or `mirage fetch {repo}`" if fetch_hint else ""
+        raise MirageError(f"the downloaded copy of {repo} is incomplete ({problem}): run `hf download {repo}`"
+                          f"{fetch} with network")
+    if problem:
+        raise error(f"{folder} is not {what}: {problem}")
 
 
 def _layout_problem(folder: Path, part: str) -> str | None:

@@ -244,12 +244,7 @@ def resolve_clip(ref: str, half: bool = False) -> Path:
     problem = not_clip(folder)
     if problem:
         raise UsageError(f"{what} is not a CLIP model: {problem}")
-    problem = _missing(folder)
-    if problem and repo is not None:
-        raise MirageError(f"the downloaded copy of {repo} is incomplete ({problem}): run `hf download {repo}` "
-                          f"with network")
-    if problem:
-        raise UsageError(f"{folder} is not a complete CLIP model folder: {problem}")
+    hub.check_complete(_missing(folder), folder, repo, "a complete CLIP model folder", error=UsageError)
     return folder
 
 
