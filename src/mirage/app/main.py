@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -39,11 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description=again.__doc__.splitlines()[0])
     again.add_arguments(p)
     p.set_defaults(func=_again)
+    p = sub.add_parser("ui", help="the web UI: every task in the browser (needs gradio: pip install 'mirage[ui]')",
+                       description="Serve mirage's tasks as a web page (gradio), on this machine only by default.")
+    p.add_argument("--model", default="fashion", help="the model the page starts with (default: fashion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--out", default="mirage-ui-runs", help="where every run's numbered folder goes (default "
+                                                           "./mirage-ui-runs)")
+    p.set_defaults(func=_ui)
     return parser
 
 
 def _again(args) -> int:
     return main(again.again_argv(args.source, args.out))
+
+
+def _ui(args) -> int:
+    """The web UI lives in app/ui.py, imported only here: gradio is an optional extra, and importing it
+    would slow every other command."""
+    if importlib.util.find_spec("gradio") is None:
+        raise UsageError("the web UI needs gradio, an optional extra: pip install 'mirage[ui]'")
+    return importlib.import_module("mirage.app.ui").serve(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
