@@ -86,3 +86,8 @@ def test_a_failing_rank_ends_both_with_one_line(tmp_path):
     assert "Traceback" not in errs[0] + errs[1]
     doc = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {"complete": False}
     assert doc.get("complete") is False  # never a result.json that says the run is whole
+
+
+def test_a_rank_with_no_share_still_joins_the_ranking(tmp_path):
+    _same_run(["sample", "--prompt", "bag", "--seeds", "7", "--steps", "2", "--pick", "best", "--device", "cpu"],
+              tmp_path)

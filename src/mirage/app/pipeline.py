@@ -154,15 +154,13 @@ def make_run(s: Settings, job: Job, out: RunDir, ctx: parallel.Context):
     per_chunk = s.chunk(len(mine))
     bar = tqdm(total=len(mine), unit="image", disable=s.quiet or not ctx.main or len(mine) <= per_chunk,
                desc=job.task)
-    for items in _chunks(islice(job.items, ctx.rank, None, ctx.world), per_chunk):
-        images, items = _make(s, job, model, items, stage1, judge)
+    chunks = _chunks(islice(job.items, ctx.rank, None, ctx.world), per_chunk)
+    if s.ranked:  # one chunk, ranked against every rank's: each rank joins, with no share too
+        chunks = iter([next(chunks, [])])
+    for items in chunks:
+        images, low, items = _stages(s, job, model, upscaler, items, stage1, stage2, judge)
         wrong += sum(1 for item in items if item.get("right") is False)
-        low = None
-        if upscaler is not None:
-            getattr(model, "free", lambda: None)()
-            low = images
-            images = _batched(job.run, upscaler, items, stage2, s.batch_size, LowRes(low, s.noise_level))
-        if s.ranked:  # all candidates are one chunk, ranked against those of every rank
+        if s.ranked:
             images, low, items = _ranked(ctx, images, low, items)
         _write(out, job, record, images, low, items, model.size)
         if ctx.main:
@@ -229,6 +227,18 @@ def _read_back(path) -> Tensor:
     with Image.open(path) as im:
         size, channels = im.width, 1 if im.mode == "L" else 3
     return load_image(path, size=size, channels=channels)[0]
+
+
+def _stages(s: Settings, job: Job, model, upscaler, items: list[dict], stage1: Sampling, stage2: Sampling | None,
+            judge: Judge | None):
+    """(images, stage-I images where upscaled, items) of one chunk, made through both stages."""
+    if not items:
+        return torch.empty(0), None, []
+    images, items = _make(s, job, model, items, stage1, judge)
+    if upscaler is None:
+        return images, None, items
+    getattr(model, "free", lambda: None)()
+    return _batched(job.run, upscaler, items, stage2, s.batch_size, LowRes(images, s.noise_level)), images, items
 
 
 def _make(s: Settings, job: Job, model, items: list[dict], sampling: Sampling, judge: Judge | None):
