@@ -364,7 +364,8 @@ def denoise_cmd(args) -> int:
                          args.i_start, args.every)
         final = next(p for p in rows[-1].pictures if p.name == "iter-final")
         record = dict(settings.record(), model=settings.model, image=args.image,
-                      levels=levels_for(model.schedule, levels), **final.settings)
+                      levels=levels_for(model.schedule, levels), **final.settings,
+                      timesteps=list(sampling.timesteps))
         out.add(dict(record, file=out.save_image("denoised.png", final.image, record)))
         pictures = [[(to_pil(p.image), p.label) for p in row.pictures] for row in rows]
         sheets.save_sheet(out, contact_sheet(pictures, title=f"denoising study: {args.image}"), "sheet.png")

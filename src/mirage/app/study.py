@@ -65,7 +65,7 @@ def denoising(model, image: Tensor, source: str, prompt: str, seed: int, levels:
     final = tasks.edit(model, image, prompt, [seed], sampling, start=i_start, callback=keep)
     shown += [Picture("iter-final", final[0], "iterative: final",
                       dict(i_start=i_start, t_start=ts[i_start], steps=len(ts) - i_start, seed=seed, prompt=prompt,
-                           guidance=guidance, timesteps=list(ts))),
+                           guidance=guidance)),
               Picture("iter-onestep", tasks.one_step(model, x_start, ts[i_start], prompt, guidance)[0],
                       "one-step from the same start", dict(t=ts[i_start], seed=seed)),
               Picture("iter-blur", blur(x_start)[0], "blur of the same start", dict(t=ts[i_start], seed=seed))]
