@@ -53,8 +53,11 @@ def _start(root: Path):
     log = open(root / "server.log", "w+")
     env = dict(os.environ, GRADIO_TEMP_DIR=str(root / "gradio-tmp"), MIRAGE_CACHE=str(root / "cache"),
                PYTHONUNBUFFERED="1")
+    # Ctrl-C reaches it as in a terminal, also where pytest itself was started in the background (which
+    # ignores SIGINT for everything it starts, and Python keeps an ignored SIGINT ignored)
     proc = subprocess.Popen([sys.executable, "-m", "mirage", "ui", "--port", str(port), "--out", "runs"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90
     while True:
