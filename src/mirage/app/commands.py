@@ -3,9 +3,9 @@ how to make them on one model, how to show them)."""
 from __future__ import annotations
 
 import math
-import shlex
 from functools import lru_cache
 from itertools import product
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ from mirage.quality.metrics import hybrid_maps, identity
 seeds = sheets.seeds
 
 
-def per_seed(args) -> tuple[list[dict] | object, int]:
+def per_seed(args) -> tuple[Iterator[dict], int]:
     """One item per seed, made lazily (--seeds 0-100000000 is never listed), and how many."""
     chosen = seeds_of(args)
     return (dict(seed=s) for s in chosen), len(chosen)
@@ -354,7 +354,7 @@ def denoise_cmd(args) -> int:
         raise UsageError(f"--every must be at least 1, got {args.every}")
     settings = resolve(args, "denoise")
     seed = seeds_of(args)[0]
-    with RunDir(settings.out, "denoise", command=shlex.join(["mirage", *settings.argv])) as out:
+    with RunDir(settings.out, "denoise", command=settings.command) as out:
         model = load_model(settings.model, resolve_device(settings.device), settings.memory)
         sampling = settings.sampling(model)
         if not 0 <= args.i_start < sampling.steps:

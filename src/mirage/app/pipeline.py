@@ -4,7 +4,6 @@ model, how to show them. Long runs stream: chunk by chunk, each written and list
 from __future__ import annotations
 
 import gc
-import shlex
 import sys
 from dataclasses import dataclass, field
 from itertools import islice
@@ -123,10 +122,9 @@ def execute(args, job: Job) -> int:
 
 
 def _folder(s: Settings, job: Job, ctx: parallel.Context) -> RunDir:
-    command = shlex.join(["mirage", *s.argv])
-    out = RunDir(s.out, job.task, command=command) if ctx.main else None
+    out = RunDir(s.out, job.task, command=s.command) if ctx.main else None
     path = ctx.broadcast_object(None if out is None else str(out.path))
-    return out or RunDir.joined(path, job.task, command, ctx.rank)
+    return out or RunDir.joined(path, job.task, s.command, ctx.rank)
 
 
 def make_run(s: Settings, job: Job, out: RunDir, ctx: parallel.Context):

@@ -214,8 +214,9 @@ class RunDir:
 
     def _remove(self) -> None:
         """Nothing complete: leave no trace but files the user put there."""
+        ours = set(journals(self.path)) if self.path.is_dir() else set()
         for p in self.path.iterdir() if self.path.is_dir() else []:
-            if p.name == CLAIM or p in journals(self.path) or p.name.startswith(TEMP_PREFIX):
+            if p.name == CLAIM or p in ours or p.name.startswith(TEMP_PREFIX):
                 p.unlink(missing_ok=True)
         for p in self.made:
             try:

@@ -3,6 +3,7 @@ before any model loads, then checked against the loaded model when the engine's 
 What result.json records is read off this one value."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from mirage import __version__
@@ -55,6 +56,11 @@ class Settings:
     stage3: str = "none"  # --stage3: the x4 upscaler after IF stage II
 
     @property
+    def command(self) -> str:
+        """The command line that ran, as result.json shows it."""
+        return shlex.join(["mirage", *self.argv])
+
+    @property
     def ranked(self) -> bool:
         return self.pick == "best"
 
@@ -88,7 +94,7 @@ class Settings:
         return Sampling(tuple(timesteps), self.guidance, self.guidance_interval, self.sampler, self.eta, guide,
                         progress=not self.quiet)
 
-    def scheduler_for(self, model, steps: int | None = None) -> Scheduler | None:
+    def scheduler_for(self, model) -> Scheduler | None:
         """--scheduler (or the model's own) built from the model's scheduler config; None: --sampler."""
         name = self.scheduler or getattr(model, "scheduler_name", None)
         if name is None:
@@ -97,7 +103,7 @@ class Settings:
         if not config or config.get("variance_type") in ("learned", "learned_range"):
             raise UsageError(f"--scheduler works with Stable Diffusion models; {self.model} steps with --sampler "
                              f"ddpm or ddim only")
-        return Scheduler(name, config, steps or self.steps, self.eta)
+        return Scheduler(name, config, self.steps, self.eta)
 
     def upscaling(self, upscaler) -> Sampling:
         T = upscaler.schedule.num_train_timesteps

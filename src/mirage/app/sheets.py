@@ -2,7 +2,7 @@
 an illusion turning from view to view."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image
 from torch import Tensor
@@ -46,7 +46,7 @@ def series(images: Tensor, items: list[dict], task: str, settings: dict) -> Imag
     return contact_sheet(rows, title=title(task, settings), row_labels=[f"seed {s}" for s in dict.fromkeys(seeds(items))])
 
 
-def illusion(views: Sequence) -> callable:
+def illusion(views: Sequence) -> Callable:
     """Each view of each result under its prompt."""
     def sheet(images: Tensor, items: list[dict], task: str, settings: dict) -> Image.Image:
         rows = [[(to_pil(v.view(img[None])[0]), f"{v.name}: {p}") for v, p in zip(views, settings["prompts"])]
