@@ -805,16 +805,16 @@ def serve(args) -> int:
     offered = inspect.signature(demo.launch).parameters
     off = {k: v for k, v in dict(footer_links=[], ssr_mode=False, mcp_server=False, run_history=False).items()
            if k in offered}
-    try:
-        demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True,
-                    prevent_thread_lock=True, allowed_paths=[str(app.runs.root.resolve())], css=CSS,
-                    show_error=False, **off)
-    except OSError as e:
-        raise UsageError(f"cannot serve on {args.host}:{args.port}: {e}") from None
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"mirage ui: http://{host}:{args.port} (model {args.model}; runs in {app.runs.root}); Ctrl-C stops it",
-          flush=True)
-    try:
+    try:  # Ctrl-C stops the server cleanly from the moment it starts: the page answers inside launch already
+        try:
+            demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True,
+                        prevent_thread_lock=True, allowed_paths=[str(app.runs.root.resolve())], css=CSS,
+                        show_error=False, **off)
+        except OSError as e:
+            raise UsageError(f"cannot serve on {args.host}:{args.port}: {e}") from None
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"mirage ui: http://{host}:{args.port} (model {args.model}; runs in {app.runs.root}); Ctrl-C stops "
+              f"it", flush=True)
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
