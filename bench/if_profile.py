@@ -27,7 +27,8 @@ import if_arch  # noqa: E402
 from if_gpu import PROMPTS, Bench, count_flops, direct_call, rate_text, unet_inputs  # noqa: E402
 
 from mirage.backends import hub, memory  # noqa: E402
-from mirage.backends.deepfloyd import _Graphs, load_stage  # noqa: E402
+from mirage.backends.deepfloyd import load_stage  # noqa: E402
+from mirage.backends.runtime import _Graphs  # noqa: E402
 from mirage.backends.prompts import _embed, preprocess  # noqa: E402
 
 FAMILIES = (("attention", ("fmha", "flash", "attention", "softmax")), ("normalization", ("norm",)),

@@ -56,7 +56,7 @@ def test_stages_load_from_folders(tiny_if_models):
 
 
 def test_compile_reaches_both_stages_and_stays_off_by_default(tiny_if_models):
-    from mirage.backends.deepfloyd import COMPILE_MODE
+    from mirage.backends.runtime import COMPILE_MODE
     from mirage.backends.load import load_model, load_upscaler
 
     ref = str(tiny_if_models.stage_1)

@@ -1,4 +1,4 @@
-"""Regional compilation of IF's UNets (deepfloyd.compile_regions), on the tiny IF on a CPU: compiled and eager
+"""Regional compilation of IF's UNets (runtime.compile_regions), on the tiny IF on a CPU: compiled and eager
 calls agree to fp32 rounding, one compiled graph serves other widths and batch sizes, the compiled code is cached
 under mirage's cache folder, and the plans that stay eager are honoured and reported."""
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mirage.backends import deepfloyd
-from mirage.backends.deepfloyd import (
+from mirage.backends import runtime
+from mirage.backends.deepfloyd import load_stage
+from mirage.backends.runtime import (
     COMPILE_MODE,
     CompileNote,
     compile_regions,
     inductor_cache_dir,
-    load_stage,
     uncompile_regions,
 )
 from mirage.backends.load import load_model
@@ -92,7 +92,7 @@ def test_inductor_compiled_blocks_agree_with_eager_to_fp32_rounding(stages, monk
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     _agree(one, "inductor", atol=1e-4)
     # compiling placed inductor's cache in mirage's cache folder (MIRAGE_CACHE here, a test's folder)
-    assert inductor_cache_dir() == deepfloyd.default_cache_dir().parent / "inductor"
+    assert inductor_cache_dir() == runtime.default_cache_dir().parent / "inductor"
     assert any(inductor_cache_dir().iterdir())
 
 
@@ -102,7 +102,7 @@ def test_inductor_cache_goes_to_mirages_cache_folder_unless_the_user_chose_one(s
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
 
     unet = stages[0].unet()
-    mirage = deepfloyd.default_cache_dir().parent / "inductor"
+    mirage = runtime.default_cache_dir().parent / "inductor"
     for before, after in ((None, mirage), (inductor_default(), mirage), (str(tmp_path / "mine"), tmp_path / "mine")):
         if before is None:
             monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

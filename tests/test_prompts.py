@@ -112,3 +112,18 @@ def test_embed_command_precomputes(tiny_if_models, capsys, t5_loads):
     assert embed_command(args) == 0
     assert capsys.readouterr().out.startswith("0 prompt(s) encoded, 2 already cached")
     assert len(t5_loads) == 1
+
+
+def test_embed_command_takes_stable_diffusion_and_refuses_a_built_in_model(tmp_path, capsys):
+    import tiny_sd
+
+    from mirage.errors import UsageError
+
+    folders = tiny_sd.build(tmp_path / "sd")
+    args = types.SimpleNamespace(prompts=["a hat"], model=str(folders.sd), device="cpu")
+    assert embed_command(args) == 0
+    assert capsys.readouterr().out.startswith("1 prompt(s) encoded, 0 already cached")
+    assert embed_command(args) == 0
+    assert capsys.readouterr().out.startswith("0 prompt(s) encoded, 1 already cached")
+    with pytest.raises(UsageError, match="encodes no prompts"):
+        embed_command(types.SimpleNamespace(prompts=["a hat"], model="fashion", device="cpu"))

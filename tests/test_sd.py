@@ -206,3 +206,44 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert [r["batch"] for r in rows] == [1, 2] and all(r["max_abs_diff"] <= 1e-4 for r in rows)
+
+
+def test_prompt_embeddings_are_cached_on_disk_and_clip_is_freed(tiny, tmp_path, monkeypatch):
+    from mirage.backends import hub
+
+    loads = []
+    real = hub.load_clip_text
+
+    def counted(*a):
+        loads.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(hub, "load_clip_text", counted)
+    first = load_model(str(tiny.sd), torch.device("cpu")).encode([PROMPT, ""]).embeds
+    again = load_model(str(tiny.sd), torch.device("cpu")).encode(["", PROMPT]).embeds  # a new model: the disk
+    assert len(loads) == 1
+    assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+
+
+def test_unet_runs_under_the_memory_plans_shared_with_if(tiny, model):
+    """The streamed plan (half of the UNet's weights copied in block by block) gives the same latents as the
+    resident one: SD's UNet goes through runtime.UNetRuntime as IF's do."""
+    streamed = load_model(str(tiny.sd), torch.device("cpu"), memory="blocks")
+    sampling = _sampling(model, None, 3)
+    want = tasks.sample(model, PROMPT, [0], sampling)
+    got = tasks.sample(streamed, PROMPT, [0], sampling)
+    assert streamed.plan.name == "blocks" and model.plan.name == "cpu"
+    assert torch.allclose(got, want, atol=1e-5)
+    assert load_model(str(tiny.sd), torch.device("cpu"), compile=True).compile is not None
+
+
+def test_denoise_study_runs_on_latents_and_shows_them_decoded(tiny, model, tmp_path):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src)
+    argv = ["denoise", "--model", str(tiny.sd), "--image", str(src), "--steps", "6", "--i-start", "2",
+            "--levels", "300,600", "--quiet", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "run" / "result.json").read_text())
+    final = _png(tmp_path / "run" / doc["images"][0]["file"])
+    assert final.shape == (model.size, model.size, 3)  # decoded pixels, not the 4-channel latent grid
+    assert Image.open(tmp_path / "run" / "sheet.png").width > 3 * model.size

@@ -20,7 +20,6 @@ from mirage.app.study import denoising, levels_for
 from mirage.backends import deepfloyd
 from mirage.backends.load import is_small, load_model, load_stage3, resolve_device
 from mirage.backends.schedulers import Scheduler
-from mirage.backends.prompts import PromptEncoder
 from mirage.engine import tasks
 from mirage.engine.denoiser import space_shape
 from mirage.engine.sample import Sampling
@@ -384,7 +383,10 @@ def embed_args(p):
 
 def embed_cmd(args) -> int:
     """Encode prompts into the cache ahead of time, in the precision `mirage sample` will use on that device."""
-    encoder = PromptEncoder(args.model, resolve_device(args.device))
+    encoder = getattr(load_model(args.model, resolve_device(args.device)), "text", None)
+    if encoder is None:
+        raise UsageError(f"{args.model} encodes no prompts into the cache: `mirage embed` is for DeepFloyd IF and "
+                         f"Stable Diffusion models")
     cached = sum(encoder.is_cached(p) for p in dict.fromkeys(args.prompts))
     encoder.encode(list(args.prompts))
     print(f"{len(set(args.prompts)) - cached} prompt(s) encoded, {cached} already cached, in {encoder.cache_dir}")
@@ -418,6 +420,6 @@ COMMANDS = [
             fetch_args, deepfloyd.fetch_command, common=False),
     Command("demo", "the course's deliverable set on the built-in models, as one HTML report",
             demo.add_arguments, demo.handler, common=False),
-    Command("embed", "encode prompts with IF's T5 once and cache them on disk", embed_args, embed_cmd,
-            common=False),
+    Command("embed", "encode prompts once (IF's T5, Stable Diffusion's CLIP) and cache them on disk", embed_args,
+            embed_cmd, common=False),
 ]

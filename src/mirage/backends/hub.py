@@ -222,6 +222,20 @@ def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype, pl
     return tokenizer, model.eval()
 
 
+def load_clip_text(folder: Path, device: torch.device, dtype: torch.dtype):
+    """(CLIPTokenizer, CLIPTextModel) from Stable Diffusion's tokenizer/ and text_encoder/, loaded whole with
+    transformers' own loader, as the pipeline loads them."""
+    import transformers
+
+    with _loading(folder, TOKENIZER):
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder=TOKENIZER)
+    with _loading(folder, TEXT_ENCODER):
+        model = transformers.CLIPTextModel.from_pretrained(
+            folder, subfolder=TEXT_ENCODER, dtype=dtype, use_safetensors=True,
+            variant=variant(folder / TEXT_ENCODER, dtype)).to(device).eval()
+    return tokenizer, model
+
+
 def _t5_8bit(folder: Path, device: torch.device, dtype: torch.dtype):
     """T5 quantized to int8 while loading, by bitsandbytes through transformers (the 8bit plan)."""
     from transformers import BitsAndBytesConfig, T5EncoderModel

@@ -55,16 +55,16 @@ def is_sd(ref: str) -> bool:
 
 
 def load_model(ref: str, device: torch.device, memory: str = "auto", compile: bool = False) -> Denoiser:
-    """The stage-I (or only) model `ref` names; `compile` applies to IF's UNets on a GPU."""
+    """The stage-I (or only) model `ref` names; `compile` applies to IF's and SD's UNets on a GPU."""
     if is_small(ref):
         return (load_builtin(ref) if ref in BUILTIN else load_small(Path(ref))).to(device)
     check_not_pickle(ref)
     if is_sd(ref):
-        return sd.load_sd(ref, device=device)
+        return sd.load_sd(ref, device=device, memory=memory, compile=compile)
     return load_stage(ref, device=device, memory=memory, compile=compile)
 
 
-def load_stage3(ref: str | None, device: torch.device) -> Denoiser | None:
+def load_stage3(ref: str | None, device: torch.device, memory: str = "auto", compile: bool = False) -> Denoiser | None:
     """IF's third stage: the x4 upscaler (`none`: no third stage)."""
     if ref in (None, "none"):
         return None
@@ -72,7 +72,7 @@ def load_stage3(ref: str | None, device: torch.device) -> Denoiser | None:
     if sd.kind_of(ref) != "upscale":
         raise UsageError(f"--stage3 takes the Stable Diffusion x4 upscaler (e.g. {sd.UPSCALERS[0]}) or none, "
                          f"got {ref}")
-    return sd.load_sd(ref, device=device)
+    return sd.load_sd(ref, device=device, memory=memory, compile=compile)
 
 
 def load_upscaler(ref: str | None, stage1_ref: str, device: torch.device, memory: str = "auto",

@@ -1,10 +1,13 @@
-"""Text -> condition for DeepFloyd IF: T5 embeddings, computed once ever and cached on disk.
+"""Text -> condition: T5 embeddings for DeepFloyd IF and CLIP ones for Stable Diffusion, computed once ever and
+cached on disk.
 
 T5 v1.1 XXL (4.8 B parameters) is as large as IF's UNet, so it is loaded alone, under a memory plan
 (memory.py: on the GPU, streamed through it layer by layer, in 8 bits or on the CPU), encodes every prompt
 of the run that is not cached yet in one go, and is freed before any UNet loads. Each embedding is kept in
 <cache>/embeds/<hash>.safetensors, keyed by the encoder's identity, its precision and the exact prompt; a
 cache hit never loads T5. The null prompt is "" and goes through T5 like any other, as diffusers does.
+Stable Diffusion's CLIP text encoder (123 M parameters in SD 1.x, 354 M in 2.x) is small enough to load whole
+on the device, without a plan; its embeddings are cached the same way (`ClipPromptEncoder`).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ class PromptEncoder:
     """T5 prompt embeddings [N, 77, D] from model `ref` (a stage-I hub id or folder: its text_encoder/),
     with T5 placed by memory plan `memory` (memory.PLANS)."""
 
+    recipe = "t5"  # in the cache key: how the text was encoded (IFPipeline's T5 and mask)
+
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  cache_dir: str | Path | None = None, memory: str = "auto"):
         self.ref = ref
@@ -52,7 +57,7 @@ class PromptEncoder:
         found = {p: self._read(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         if missing:
-            for prompt, embeds in zip(missing, self._run_t5(missing)):
+            for prompt, embeds in zip(missing, self._run(missing)):
                 self._write(prompt, embeds)
                 found[prompt] = embeds
         return torch.stack([found[p] for p in prompts]).to(self.device, self.dtype)
@@ -61,7 +66,7 @@ class PromptEncoder:
         return self._read(prompt) is not None
 
     # ---- T5, loaded alone and freed ---------------------------------------------------------------
-    def _run_t5(self, prompts: list[str]) -> list[Tensor]:
+    def _run(self, prompts: list[str]) -> list[Tensor]:
         folder = hub.resolve(self.ref, hub.TEXT_PARTS, self.dtype)
         sizes = hub.text_sizes(folder, self.dtype)
         self.plan = memory.plan_for(self.memory, self.device, sizes)
@@ -87,7 +92,7 @@ class PromptEncoder:
     def _key(self, prompt: str) -> tuple[Path, dict[str, str]]:
         if self._identity is None:
             self._identity = hub.identity(self.ref, hub.TEXT_PARTS)
-        meta = {"encoder": self._identity, "dtype": str(self.dtype).removeprefix("torch."),
+        meta = {"encoder": self._identity, "recipe": self.recipe, "dtype": str(self.dtype).removeprefix("torch."),
                 "max_length": str(MAX_LENGTH), "prompt": prompt}
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
         return self.cache_dir / f"{digest[:40]}.safetensors", meta
@@ -110,6 +115,28 @@ class PromptEncoder:
         path, meta = self._key(prompt)
         tensors = {"embeds": embeds.contiguous()}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), replace=True)
+
+
+class ClipPromptEncoder(PromptEncoder):
+    """Stable Diffusion's CLIP text embeddings [N, 77, D] from the text_encoder/ and tokenizer/ of `ref`, as
+    StableDiffusionPipeline.encode_prompt makes them: no lower-casing, padded to the tokenizer's length, the
+    attention mask only where the config asks for it. Loaded alone, on the device, and freed."""
+
+    recipe = "clip"
+
+    def _run(self, prompts: list[str]) -> list[Tensor]:
+        folder = hub.resolve(self.ref, hub.TEXT_PARTS, self.dtype)
+        tokenizer, model = hub.load_clip_text(folder, self.device, self.dtype)
+        try:
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt")
+            mask = ids.attention_mask.to(self.device) if getattr(model.config, "use_attention_mask", False) \
+                else None
+            with torch.no_grad():
+                return list(model(ids.input_ids.to(self.device), attention_mask=mask)[0].cpu())
+        finally:
+            del model
+            hub.release(self.device)
 
 
 @torch.no_grad()

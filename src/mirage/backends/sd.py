@@ -1,9 +1,10 @@
 """Stable Diffusion, assembled from its parts, and the x4 upscaler, as Denoisers in VAE latent space.
 
 As the walk-through builds it: `AutoencoderKL` (image <-> latents, times its scaling factor),
-`CLIPTextModel` + `CLIPTokenizer` (prompts -> embeddings, loaded for the prompts not seen yet and freed),
-`UNet2DConditionModel` (loaded on first call) and the folder's scheduler config (engine Sampling.scheduler
-via schedulers.py). The model works in latents; it says how to enter and leave them (`encode_image`,
+`CLIPTextModel` + `CLIPTokenizer` (prompts -> embeddings, cached on disk, the encoder loaded for the prompts
+not seen yet and freed: prompts.ClipPromptEncoder), `UNet2DConditionModel` (loaded on first call, under a
+memory plan, with CUDA graphs and on request compiled blocks: runtime.py, as for IF) and the folder's scheduler
+config (engine Sampling.scheduler via schedulers.py). The model works in latents; it says how to enter and leave them (`encode_image`,
 `decode`), what they look like (`space_shape`) and which views act on their grid (a latent cell is a
 `factor` x `factor` pixel block: flips, rotations and whole-cell permutations commute with the VAE, negate
 and pixel permutations do not). Tasks and the loop never ask more.
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mirage.backends import hub
-from mirage.backends.base import Placed
+from mirage.backends.prompts import ClipPromptEncoder
+from mirage.backends.runtime import UNetRuntime
 from mirage.backends.schedulers import own_name
 from mirage.engine.denoiser import Cond
 from mirage.engine.sample import Noise
@@ -50,12 +52,18 @@ def kind_of(ref: str) -> str | None:
 
 
 def load_sd(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-            size: int | None = None):
+            size: int | None = None, memory: str = "auto", compile: bool | None = False,
+            cache_dir: str | Path | None = None):
     """StableDiffusion or SDUpscaler, whichever `ref` is."""
-    return (SDUpscaler if kind_of(ref) == "upscale" else StableDiffusion)(ref, device, dtype, size)
+    cls = SDUpscaler if kind_of(ref) == "upscale" else StableDiffusion
+    return cls(ref, device, dtype, size, memory, compile, cache_dir)
 
 
-class StableDiffusion(Placed):
+class StableDiffusion(UNetRuntime):
+    """A Stable Diffusion folder (or hub id) as a Denoiser in its VAE's latent space. `memory` and `compile`
+    are the UNet's memory plan and compiling request (runtime.UNetRuntime); the VAE and the text encoder are
+    small and load whole on the device."""
+
     space_name = "Stable Diffusion's latent grid"
     view_names = LATENT_VIEWS
     hybrid_kinds = LATENT_HYBRIDS
@@ -63,7 +71,8 @@ class StableDiffusion(Placed):
     parts = PARTS
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 size: int | None = None):
+                 size: int | None = None, memory: str = "auto", compile: bool | None = False,
+                 cache_dir: str | Path | None = None):
         self._device = torch.device(device)
         self._dtype = dtype or hub.default_dtype(self._device)
         self.ref = ref
@@ -102,8 +111,10 @@ class StableDiffusion(Placed):
         self.size = self.default_size
         if size is not None:
             self.set_size(size)
-        self._unet = self._vae = None
-        self._embeds: dict[str, Tensor] = {}  # by prompt, for this encoder
+        self.text = ClipPromptEncoder(ref, self._device, self._dtype, cache_dir)
+        self._vae = None
+        # NCHW: channels-last is measured for IF's UNets only (bench/if_gpu.py), not yet for SD's
+        self._init_runtime(memory, compile, channels_last=False)
 
     # ---- what the seam asks -------------------------------------------------------------------------
     @property
@@ -119,31 +130,7 @@ class StableDiffusion(Placed):
         self.size = size
 
     def encode(self, prompts: list[str]) -> Cond:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
-        if missing:
-            self._embeds.update(zip(missing, self._run_text_encoder(missing)))
-        return Cond(embeds=torch.stack([self._embeds[p] for p in prompts]).to(self._device, self._dtype))
-
-    def _run_text_encoder(self, prompts: list[str]) -> list[Tensor]:
-        """CLIP loaded alone, run as StableDiffusionPipeline.encode_prompt does, and freed."""
-        import transformers  # here, as hub's loaders do: importing it would cost every built-in model's run
-        with hub._loading(self.folder, hub.TOKENIZER):
-            tokenizer = transformers.CLIPTokenizer.from_pretrained(self.folder, subfolder=hub.TOKENIZER)
-        with hub._loading(self.folder, hub.TEXT_ENCODER):
-            model = transformers.CLIPTextModel.from_pretrained(
-                self.folder, subfolder=hub.TEXT_ENCODER, dtype=self._dtype, use_safetensors=True,
-                variant=hub.variant(self.folder / hub.TEXT_ENCODER, self._dtype)).to(self._device).eval()
-        try:
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt")
-            mask = ids.attention_mask.to(self._device) if getattr(model.config, "use_attention_mask", False) \
-                else None
-            with torch.no_grad():
-                out = model(ids.input_ids.to(self._device), attention_mask=mask)[0]
-            return list(out.cpu())
-        finally:
-            del model
-            hub.release(self._device)
+        return Cond(embeds=self.text.encode(prompts))
 
     def encode_image(self, images: Tensor, noise: Noise | None = None) -> Tensor:
         """Images in [-1, 1] -> latents x scaling factor: a sample of the VAE's posterior drawn from each
@@ -168,40 +155,24 @@ class StableDiffusion(Placed):
     def __call__(self, x: Tensor, t, cond: Cond) -> tuple[Tensor, Tensor | None]:
         if self.is_upscaler and (cond.image is None or cond.level is None):
             raise ValueError("the upscaler needs cond.image and cond.level (from noised_condition)")
-        unet = self.unet()
-        inp = x if cond.image is None else torch.cat([x, cond.image.to(x)], dim=1)
-        level = None if cond.level is None else cond.level.to(self._device)
-        with torch.no_grad():
-            out = unet(inp.to(self._device, self._dtype), torch.tensor(t, device=self._device),
-                       encoder_hidden_states=cond.embeds.to(self._device, self._dtype), class_labels=level,
-                       return_dict=False)[0]
-        return out.float().to(x.device), None
+        return self._run(x, t, cond), None
 
-    # ---- the parts, loaded when first needed ---------------------------------------------------------
-    def unet(self):
+    # ---- the VAE, loaded when first needed (the UNet: runtime.UNetRuntime) ---------------------------
+    def vae(self):
         import diffusers  # here, as hub's loaders do: importing it would cost every built-in model's run 1.5 s
 
-        if self._unet is None:
-            self._unet = self._load(diffusers.UNet2DConditionModel, hub.UNET)
-        return self._unet
-
-    def vae(self):
-        import diffusers
-
         if self._vae is None:
-            self._vae = self._load(diffusers.AutoencoderKL, hub.VAE)
+            with hub._loading(self.folder, hub.VAE):
+                self._vae = diffusers.AutoencoderKL.from_pretrained(
+                    self.folder, subfolder=hub.VAE, dtype=self._dtype, use_safetensors=True,
+                    variant=hub.variant(self.folder / hub.VAE, self._dtype)).to(self._device).eval()
             if self.size > 1024:
                 self._vae.enable_tiling()
         return self._vae
 
-    def _load(self, cls, part: str):
-        with hub._loading(self.folder, part):
-            return cls.from_pretrained(self.folder, subfolder=part, dtype=self._dtype, use_safetensors=True,
-                                       variant=hub.variant(self.folder / part, self._dtype)).to(self._device).eval()
-
     def free(self) -> None:
-        self._unet = self._vae = None
-        hub.release(self._device)
+        self._vae = None
+        super().free()
 
 
 class SDUpscaler(StableDiffusion):
@@ -213,10 +184,11 @@ class SDUpscaler(StableDiffusion):
     draws_condition_first = True  # StableDiffusionUpscalePipeline noises the image before drawing latents
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 size: int | None = None):
+                 size: int | None = None, memory: str = "auto", compile: bool | None = False,
+                 cache_dir: str | Path | None = None):
         import diffusers
 
-        super().__init__(ref, device, dtype, size)
+        super().__init__(ref, device, dtype, size, memory, compile, cache_dir)
         self.low_res_scheduler = diffusers.DDPMScheduler.from_config(hub.read_config(self.folder, hub.LOW_RES))
         self.max_noise_level = self.index.get("max_noise_level", 350)
 
