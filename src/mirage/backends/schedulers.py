@@ -81,6 +81,7 @@ class DiffusersStepper:
             s.set_begin_index(begin)
         self.scheduler, self.timesteps = s, s.timesteps[begin:]
         self.init_noise_sigma = s.init_noise_sigma
+        self.on_schedule = False  # sigma-space and multistep rules: no RePaint jump back, no classifier guide
         step_args = inspect.signature(s.step).parameters
         self._extra = dict(eta=spec.eta) if "eta" in step_args else {}
         self._takes_generator = "generator" in step_args
@@ -94,8 +95,8 @@ class DiffusersStepper:
     def scale(self, x: Tensor, i: int) -> Tensor:
         return self.scheduler.scale_model_input(x, self.timesteps[i])
 
-    def step(self, out: Tensor, i: int, x: Tensor, noise: Noise) -> Tensor:
+    def step(self, eps: Tensor, var: Tensor | None, i: int, x: Tensor, noise: Noise) -> Tensor:
         extra = dict(self._extra)
         if self._takes_generator:
             extra["generator"] = noise.generators if len(noise.generators) > 1 else noise.generators[0]
-        return self.scheduler.step(out, self.timesteps[i], x, return_dict=False, **extra)[0]
+        return self.scheduler.step(eps, self.timesteps[i], x, return_dict=False, **extra)[0]

@@ -100,6 +100,12 @@ class Sampling:
     def step(self) -> Step:
         return ddpm_step if self.sampler == "ddpm" else partial(ddim_step, eta=self.eta)
 
+    def stepper(self, model: Denoiser) -> "Stepper":
+        """A fresh run of this sampling's step rule: the scheduler's, else the sampler on the model's schedule."""
+        if self.scheduler is not None:
+            return self.scheduler.start(self.timesteps)
+        return ScheduleStepper(model.schedule, self.step, self.timesteps)
+
     def starting_at(self, start: int) -> "Sampling":
         """The same run entered at timesteps[start] (SDEdit)."""
         if not 0 <= start < len(self.timesteps):
@@ -117,16 +123,48 @@ def _timestep(t) -> int | float:
 
 
 class Stepper(Protocol):
-    """One run of a stateful step rule (Sampling.scheduler.start(timesteps)); i is the index into those
-    timesteps, `noise` the run's Noise, whose per-image generators it draws from."""
+    """One run of a step rule over `timesteps` (Sampling.stepper): i is the index into those timesteps, `noise`
+    the run's Noise, whose per-image generators any draw comes from. `on_schedule`: the rule steps on the
+    model's own Schedule, so RePaint's jump back (`renoise`) and a classifier guide apply."""
 
     init_noise_sigma: float
+    on_schedule: bool
 
     def add_noise(self, x0: Tensor, t: int | float, noise: Tensor) -> Tensor: ...  # as Schedule.forward
 
     def scale(self, x: Tensor, i: int) -> Tensor: ...
 
-    def step(self, out: Tensor, i: int, x: Tensor, noise: Noise) -> Tensor: ...
+    def step(self, eps: Tensor, var: Tensor | None, i: int, x: Tensor, noise: Noise) -> Tensor: ...
+
+
+class ScheduleStepper:
+    """DDPM or DDIM (`rule`, from schedule.py) on the model's own Schedule, as a Stepper: the model sees x as it
+    is, and the step draws its noise per image, none at t = 0 (as diffusers draws none)."""
+
+    init_noise_sigma = 1.0
+    on_schedule = True
+
+    def __init__(self, schedule: Schedule, rule: Step, timesteps: Sequence):
+        self.schedule, self.rule, self.timesteps = schedule, rule, timesteps
+
+    def _prev(self, i: int):
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else CLEAN
+
+    def add_noise(self, x0: Tensor, t, noise: Tensor) -> Tensor:
+        return self.schedule.forward(x0, t, noise)
+
+    def scale(self, x: Tensor, i: int) -> Tensor:
+        return x
+
+    def step(self, eps: Tensor, var: Tensor | None, i: int, x: Tensor, noise: Noise) -> Tensor:
+        t = self.timesteps[i]
+        z = noise.draw(x.shape[1:]) if t > 0 else None
+        return self.rule(self.schedule, x, eps, var, t, self._prev(i), z)
+
+    def renoise(self, x: Tensor, i: int, noise: Noise) -> Tensor:
+        """From the step's result back to its start, q(x_t | x_t_prev): a fresh try at step i (RePaint)."""
+        a = self.schedule.alpha_bar(self.timesteps[i]) / self.schedule.alpha_bar(self._prev(i))
+        return a.sqrt().to(x) * x + (1 - a).sqrt().to(x) * noise.draw(x.shape[1:])
 
 
 @torch.inference_mode()
@@ -136,25 +174,28 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, samplin
     """Denoise x, which is at sampling.timesteps[0], down to a clean image.
 
     Each timestep steps to the next one in the list and the last one to the clean image, as diffusers'
-    schedulers do. `resample` > 1 repeats each step RePaint-style: step, constrain, re-noise back to t.
-    A guidance interval guides only inside it (Kynkaanniemi et al. 2024: guidance at high noise costs
-    diversity and gains little); elsewhere the unconditional branch is skipped. A guide (guide.Guide) adds
-    classifier guidance at every step.
+    schedulers do; the step rule is the run's `stepper` (default: sampling.stepper(model)). `resample` > 1
+    repeats each step RePaint-style: step, constrain, re-noise back to t. A guidance interval guides only
+    inside it (Kynkaanniemi et al. 2024: guidance at high noise costs diversity and gains little); elsewhere
+    the unconditional branch is skipped. A guide (guide.Guide) adds classifier guidance at every step.
     """
     check_reduce(reduce, terms)
-    if sampling.scheduler is not None:
-        return _diffuse_scheduled(model, x, terms, noise, sampling, reduce, constrain, resample, callback, stepper)
-    timesteps, step = sampling.timesteps, sampling.step
+    stepper = stepper or sampling.stepper(model)
+    if not stepper.on_schedule and resample != 1:
+        raise UsageError("--resample (RePaint) works with the ddpm and ddim samplers only, not with --scheduler")
+    if not stepper.on_schedule and sampling.guide is not None:
+        raise UsageError("classifier guidance works with the ddpm and ddim samplers only, not with --scheduler")
+    timesteps = sampling.timesteps
     bar = _progress(len(timesteps), sampling.progress)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
         x_t = x_next = x
         for r in range(resample):
-            if r:  # jump back: q(x_t | x_t_prev) for a fresh try at this step
-                x_t = _renoise(model, x_next, t_prev, t, noise)
-            eps, var = estimate(model, x_t, t, terms, sampling.guidance_at(t), reduce, i, sampling.guide)
-            z = noise.draw(x.shape[1:]) if t > 0 else None  # diffusers draws no noise at t = 0
-            x_next = step(model.schedule, x_t, eps, var, t, t_prev, z)
+            if r:  # jump back for a fresh try at this step
+                x_t = stepper.renoise(x_next, i, noise)
+            eps, var = estimate(model, stepper.scale(x_t, i), t, terms, sampling.guidance_at(t), reduce, i,
+                                sampling.guide)
+            x_next = stepper.step(eps, var, i, x_t, noise)
             if constrain is not None:
                 x_next = constrain(x_next, t_prev)
         x = x_next
@@ -163,34 +204,6 @@ def diffuse(model: Denoiser, x: Tensor, terms: list[Term], noise: Noise, samplin
         bar.update()
     bar.close()
     return x
-
-
-def _diffuse_scheduled(model, x, terms, noise, sampling, reduce, constrain, resample, callback, stepper):
-    """The same loop with a stateful step rule: the model sees its scaled input, the rule steps (drawing
-    any noise from each image's own generator), a constraint re-noises through the rule's own add_noise."""
-    if resample != 1:
-        raise UsageError("--resample (RePaint) works with the ddpm and ddim samplers only, not with --scheduler")
-    if sampling.guide is not None:
-        raise UsageError("classifier guidance works with the ddpm and ddim samplers only, not with --scheduler")
-    timesteps = sampling.timesteps
-    stepper = stepper or sampling.scheduler.start(timesteps)
-    bar = _progress(len(timesteps), sampling.progress)
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        eps, _ = estimate(model, stepper.scale(x, i), t, terms, sampling.guidance_at(t), reduce, i)
-        x = stepper.step(eps, i, x, noise)
-        if constrain is not None:
-            x = constrain(x, t_prev)
-        if callback is not None:
-            callback(i, t_prev, x)
-        bar.update()
-    bar.close()
-    return x
-
-
-def _renoise(model: Denoiser, x: Tensor, t_from: int, t_to: int, noise: Noise) -> Tensor:
-    a = model.schedule.alpha_bar(t_to) / model.schedule.alpha_bar(t_from)
-    return a.sqrt().to(x) * x + (1 - a).sqrt().to(x) * noise.draw(x.shape[1:])
 
 
 def _progress(total: int, enabled: bool):

@@ -67,8 +67,8 @@ def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], s
     if low_res is None and getattr(model, "is_upscaler", False):
         raise UsageError("this model is an upscaler: it needs a low-resolution image (mirage upscale, --stage3)")
     check_views(model, views)
-    stepper = run.scheduler.start(run.timesteps) if run.scheduler is not None else None
-    forward = model.schedule.forward if stepper is None else stepper.add_noise
+    stepper = run.stepper(model)
+    forward = stepper.add_noise
     # into the model's space first: a VAE draws its sample from each image's generator before the noise
     start_x = None if init is None else to_space(model, _to_batch(init, len(noise), shape, "init"), noise)
     # the conditioning image's noise first where the model's pipeline draws it first (SD's x4 upscaler)
@@ -77,7 +77,7 @@ def generate(model: Denoiser, seeds: Sequence[int], prompts: Sequence[Prompt], s
     x = noise.draw(space_shape(model))  # drawn first in every other case, as diffusers' pipelines do
     if start_x is not None:
         x = forward(start_x, run.timesteps[0], x)
-    elif stepper is not None:
+    elif stepper.init_noise_sigma != 1:
         x = x * stepper.init_noise_sigma
     terms = make_terms(model, prompts, len(noise), views, components, guided=sampling.guidance != 1, sees=sees)
     if low_res is not None:
