@@ -143,7 +143,8 @@ def test_judge_scores_and_candidate_scores_agree(judge):
     a, c = clip.judge_scores(judge, x, PROMPTS, maps)
     assert torch.equal(a, clip.alignment(S)) and torch.equal(c, clip.concealment(S, judge.tau))
     score, right = clip.candidate_scores(judge, x, PROMPTS, maps)
-    assert torch.equal(score, a) and torch.equal(right, clip.reads_right(S))
+    assert torch.equal(score, clip.rank_keys(a, c)) and torch.equal(right, clip.reads_right(S))
+    assert score[:, 0].tolist() == [round(v, 4) for v in a.tolist()] and torch.allclose(score[:, 1], c.double())
     assert judge.tau == pytest.approx(1 / math.exp(2.6592), rel=1e-4)  # CLIP's initial temperature
 
 

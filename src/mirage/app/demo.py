@@ -12,7 +12,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mirage.app import sheets, study
 from mirage.app.defaults import task_defaults
-from mirage.app.report import Block, Figure, Section, line_chart, write
+from mirage.app.report import Block, Figure, Section, line_chart, scores_line, write
 from mirage.app.rundir import RunDir
 from mirage.backends.load import is_small, load_model, resolve_device
 from mirage.engine import tasks
@@ -239,6 +239,13 @@ class Picked:
     def seed(self) -> int:
         return self.seeds[self.order[0]]
 
+    def scored(self, figure: Figure) -> Figure:
+        """`figure` (of the best candidate) with the best's score under it, where the classifier ranked them."""
+        if self.scores is None:
+            return figure
+        line, legend = scores_line({"score": self.scores[int(self.order[0])]})
+        return replace(figure, scores=line, legend=legend)
+
 
 def _best_of_pairs(d: Demo, pairs: Sequence[tuple[str, str]], make, maps) -> list[Picked]:
     """All candidates of every prompt pair made in one call, `make(prompts, seeds)`, and ranked per pair."""
@@ -268,6 +275,7 @@ def anagrams(d: Demo) -> Section:
                         guidance=d.guidance, candidates=n, **_guide_setting(guide))
         figs = [d.figure(f"a-anagram{k}-{v.name}.png", v.view(c.best[None])[0], f"{v.name}: {p}", **settings)
                 for v, p in zip(views, c.pair)]
+        figs[0] = c.scored(figs[0])
         frames = illusion_animation(c.best, views, list(c.pair), size=192, steps=d.size.frames,
                                     hold=max(2, d.size.frames // 2))
         gif = save_gif(d.out.file(f"a-anagram{k}.gif"), frames).name
@@ -292,7 +300,7 @@ def hybrids(d: Demo) -> Section:
         (lo, hi), best = c.pair, c.best
         settings = dict(low=lo, high=hi, kind="lowhigh", sigma=sigma, seed=c.seed, steps=d.size.steps,
                         guidance=d.guidance, **_guide_setting(guide))
-        figs = [d.figure(f"a-hybrid{k}.png", best, f"close up: {hi}", **settings),
+        figs = [c.scored(d.figure(f"a-hybrid{k}.png", best, f"close up: {hi}", **settings)),
                 d.figure(f"a-hybrid{k}-low.png", low(best[None])[0].clamp(-1, 1), f"low pass (from afar): {lo}",
                          **settings),
                 Figure(f"a-hybrid{k}.png", f"small (from afar): {lo}", dict(settings, shown_at=f"{d.model.size} px"),

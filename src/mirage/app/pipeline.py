@@ -25,7 +25,7 @@ from mirage.engine.tasks import LowRes
 from mirage.errors import UsageError
 from mirage.io import load_image
 from mirage.quality.classifier import classifier_for, guide_for
-from mirage.quality.clip import ClipJudge
+from mirage.quality.clip import ClipJudge, device_for, rank_order
 from mirage.quality.clip import candidate_scores as clip_scores
 from mirage.quality.selection import best_first, candidate_scores, first_right
 
@@ -49,7 +49,8 @@ class Job:
 @dataclass
 class Judge:
     """What checks a job's images (a built-in classifier, or CLIP): how many tries each gets, how sure it must
-    be. `scores(images, prompts, maps)` -> (score, right) per image."""
+    be. `scores(images, prompts, maps)` -> (score, right) per image: the classifier's score [n], CLIP's
+    [n, 2] (alignment, then concealment: quality.clip.rank_keys), ranked by quality.selection.best_first."""
 
     name: str
     scores: Callable
@@ -64,6 +65,15 @@ class Judge:
     def record(self) -> dict:
         return dict(scorer=self.name, tries=self.tries,
                     **({"confidence": self.confidence} if self.name == "classifier" else {}))
+
+    @staticmethod
+    def fields(score: Tensor) -> dict:
+        """What an image's entry keeps of its score: `score` (the classifier's, or CLIP's alignment A), and
+        for CLIP `clip` with A and the concealment C, as `mirage score --clip` and `mirage rank` write them."""
+        if score.dim() == 0:
+            return {"score": round(float(score), 4)}
+        a, c = score.tolist()
+        return {"score": round(a, 4), "clip": {"alignment": round(a, 4), "concealment": round(c, 6)}}
 
 
 class Models:
@@ -204,9 +214,19 @@ def _ranked(ctx: parallel.Context, images: Tensor, low: Tensor | None, items: li
     images = torch.stack([shares[r][0][k] for r, k in order_all])
     low = None if low is None else torch.stack([shares[r][1][k] for r, k in order_all])
     items = [shares[r][2][k] for r, k in order_all]
-    order = best_first(torch.tensor([item["score"] for item in items]))
+    order = _order(items)
     items = [dict(items[k], rank=r + 1) for r, k in enumerate(order.tolist())]
     return images[order], None if low is None else low[order], items
+
+
+def _order(items: list[dict]) -> Tensor:
+    """Scored candidates best first: CLIP's by alignment with concealment breaking ties, as `mirage rank`
+    orders them; the classifier's by score."""
+    if all("clip" in item for item in items):
+        a, c = (torch.tensor([item["clip"][k] for item in items], dtype=torch.float64)
+                for k in ("alignment", "concealment"))
+        return rank_order(a, c)
+    return best_first(torch.tensor([item["score"] for item in items], dtype=torch.float64))
 
 
 def _sheet(s: Settings, job: Job, out: RunDir):
@@ -247,8 +267,7 @@ def _make(s: Settings, job: Job, model, items: list[dict], sampling: Sampling, j
     if judge is None:
         return make(items), items
     images, items, scores, right = first_right(make, judge, items, judge.tries)
-    return images, [dict(item, score=round(float(scores[k]), 4), right=bool(right[k]))
-                    for k, item in enumerate(items)]
+    return images, [dict(item, **judge.fields(scores[k]), right=bool(right[k])) for k, item in enumerate(items)]
 
 
 def _write(out: RunDir, job: Job, record: dict, images: Tensor, low: Tensor | None, items: list[dict],
@@ -321,14 +340,34 @@ def _judge(s: Settings, job: Job, model, device) -> Judge | None:
         raise UsageError(f"{asked[0]} checks images against their prompts: give every prompt, not \"\"")
     tries = s.tries or s.default_tries
     if scorer == "clip":
-        clip = ClipJudge.load(s.clip, device)
-        return Judge(f"clip {s.clip}", lambda images, ps, ms: clip_scores(clip, images, ps, ms), list(prompts),
-                     list(maps), tries, s.confidence)
+        return _clip_judge(s, prompts, maps, tries, device)
     classifier = classifier_for(model)
     if classifier is None:
         raise UsageError(f"{asked[0]} with --scorer classifier checks images with a built-in model's classifier, "
                          f"and {s.model} has none: use --scorer clip, or --model fashion or digits")
     return _classifier_judge(classifier, model, prompts, maps, tries, s.confidence)
+
+
+def _clip_judge(s: Settings, prompts, maps, tries: int, device) -> Judge:
+    """CLIP loaded only while it works, as T5 is: now, before any UNet loads, for the prompts' text features,
+    then for each scoring of images, given those features; freed each time. It runs on the run's device, or
+    on the CPU where a UNet leaves that GPU too little free memory for it (said once)."""
+    noted = []
+
+    def load(texts=None) -> ClipJudge:
+        where, note = device_for(s.clip, device)
+        if note is not None and not noted and not s.quiet:
+            noted.append(note)
+            print(note, file=sys.stderr)
+        return ClipJudge.load(s.clip, where, texts=texts)
+
+    with load() as clip:
+        texts = dict(zip(prompts, clip.text_features(prompts)))
+
+    def scores(images, ps, ms):
+        with load(texts) as clip:
+            return clip_scores(clip, images, ps, ms)
+    return Judge(f"clip {s.clip}", scores, list(prompts), list(maps), tries, s.confidence)
 
 
 def _classifier_judge(classifier, model, prompts, maps, tries: int, confidence: float) -> Judge:

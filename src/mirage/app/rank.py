@@ -1,15 +1,17 @@
 """`mirage rank RUN_DIR`: an existing run's images re-ranked best first, by CLIP (alignment, then concealment:
 quality.clip) or by the built-in model's classifier (as `--pick best` ranks). The order goes into the run's
-result.json (replaced atomically) with each image's rank and scores, and a new sheet shows the best large and
-the others small. No image is moved, renamed or deleted; `--keep K` only marks the K best as kept."""
+result.json (replaced atomically) with each image's rank and scores, a new sheet shows the best large and
+the others small, and the run's page (app.report.run_page) shows them in that order with their scores. No image is moved, renamed or deleted; `--keep K` only marks the K best as kept."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch import Tensor
 
+from mirage.app.report import run_page
 from mirage.app.score import (
     _classifier_for,
     _group_of,
@@ -28,6 +30,7 @@ from mirage.backends.load import resolve_device
 from mirage.backends.small import BUILTIN
 from mirage.errors import UsageError
 from mirage.io import atomic_write, contact_sheet, load_image, to_pil, unique_path
+from mirage.quality import selection
 from mirage.quality.classifier import load_classifier
 from mirage.quality.clip import DEFAULT_CLIP, ClipJudge
 
@@ -80,11 +83,12 @@ def rank_command(args) -> int:
     except BaseException:
         sheet_path.unlink(missing_ok=True)  # result.json is as it was: no sheet it does not list
         raise
+    page = run_page(run)
     if not args.quiet:
         print("\n".join(lines))
         kept = f", kept the {keep} best" if args.keep is not None else ""
-        print(f"ranked {len(ranked)} image(s){kept}: wrote the order into {run / 'result.json'} and the sheet "
-              f"{sheet_path}")
+        print(f"ranked {len(ranked)} image(s){kept}: wrote the order into {run / 'result.json'}, the sheet "
+              f"{sheet_path} and the run's page {page}")
     return 0
 
 
@@ -111,7 +115,8 @@ def _by_classifier(args, run: Path, entries: list[dict]):
     as `--pick best` ranks), how, the table lines."""
     name = args.classifier or _classifier_for(entries)
     report = score_run(load_classifier(name), run, entries, args.blur)
-    files = sorted(report["files"], key=lambda f: -f["score"])  # stable: equal scores keep the run's order
+    order = selection.best_first(torch.tensor([f["score"] for f in report["files"]], dtype=torch.float64))
+    files = [report["files"][k] for k in order.tolist()]  # equal scores keep the run's order
     if not files:
         raise UsageError(f"no image of {run} has class prompts the {name} classifier knows: rank with --clip")
     lines = [f"{len(files)} images in {run} ranked by the {name} classifier, best first"]

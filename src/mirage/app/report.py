@@ -1,15 +1,26 @@
 """One self-contained HTML page of results: sections of captioned figures (PNGs and playing GIFs, linked by
-relative paths so the folder can be moved or zipped), notes, and small inline SVG charts. No scripts, no
-network: it opens the same from a file, a web server or an archive."""
+relative paths so the folder can be moved or zipped), each with its scores under it where it has them, notes,
+and small inline SVG charts. No scripts, no network: it opens the same from a file, a web server or an archive.
+The demo writes one (report.html); `run_page` writes a run folder's (index.html) from its result.json and its
+newest score.json."""
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Sequence
 
 from mirage.io import atomic_write
+
+RUN_PAGE = "index.html"  # a run folder's page (the demo's own is report.html)
+CLIP_LEGEND = ("A: alignment, CLIP's similarity of the worst view (or hybrid part) to its own prompt; "
+               "C: concealment, how surely each view picks out its own prompt and not another's "
+               "(1 at best, 1/N by chance)")
+SCORE_LEGEND = ("score: the built-in classifier's mean log-probability of the prompt of each view (or hybrid "
+                "part), 0 at best")
 
 CSS = """
 :root { --ink: #1d1d1f; --muted: #6e6e73; --line: #e5e5ea; --accent: #3a5bd9; }
@@ -30,6 +41,7 @@ figure img { display: block; width: 100%; height: auto; image-rendering: pixelat
              background: #fff; }
 figure.smooth img { image-rendering: auto; }
 figcaption { margin-top: 6px; font-size: 13px; }
+.scores { margin-top: 6px; font: 12px/1.4 ui-monospace, Menlo, monospace; }
 figcaption .settings { display: block; color: var(--muted); font: 11px/1.4 ui-monospace, Menlo, monospace;
                        overflow-wrap: anywhere; }
 svg.chart { background: #fff; border: 1px solid var(--line); border-radius: 8px; max-width: 100%; }
@@ -47,14 +59,31 @@ class Figure:
     settings: dict = field(default_factory=dict)
     smooth: bool = False  # large pictures (animations, charts) are scaled smoothly, small ones stay pixelated
     width: int | None = None  # shown at this many px instead of filling its cell (a picture seen from afar)
+    scores: str = ""  # shown under the picture, e.g. "A 0.31 · C 0.87" (`scores_line`)
+    legend: str = ""  # what the scores mean, shown on hover
 
     def html(self) -> str:
         shown = ", ".join(f"{k}={_value(v)}" for k, v in self.settings.items())
         cls = ' class="smooth"' if self.smooth else ""
         size = f' style="width: {self.width}px"' if self.width else ""
-        return (f'<figure{cls}><img src="{escape(self.src)}" alt="{escape(self.title)}"{size}>'
+        scores = (f'<div class="scores" title="{escape(self.legend)}">{escape(self.scores)}</div>' if self.scores
+                  else "")
+        return (f'<figure{cls}><img src="{escape(self.src)}" alt="{escape(self.title)}"{size}>{scores}'
                 f'<figcaption>{escape(self.title)}<span class="settings">{escape(shown)}</span>'
                 f'</figcaption></figure>')
+
+
+def scores_line(*records: dict) -> tuple[str, str]:
+    """(the line shown under an image, its legend) from its records, the first that has them: CLIP's alignment
+    and concealment (`clip`), else a classifier's `score`; ("", "") where none has either."""
+    for r in records:
+        clip = r.get("clip") or {}
+        if "alignment" in clip and "concealment" in clip:
+            return f"A {clip['alignment']:.2f} · C {clip['concealment']:.2f}", CLIP_LEGEND
+    for r in records:
+        if isinstance(r.get("score"), (int, float)) and not isinstance(r["score"], bool):
+            return f"score {r['score']:.2f}", SCORE_LEGEND
+    return "", ""
 
 
 def _value(v) -> str:
@@ -150,3 +179,51 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, yl
     return (f'<svg class="chart" role="img" aria-label="{escape(ylabel)} by {escape(xlabel)}" '
             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
             f'xmlns="http://www.w3.org/2000/svg">{axes}{"".join(lines)}{"".join(legend)}</svg>')
+
+
+# ---- a run folder's page ----------------------------------------------------------------------------
+SHOWN = ("prompt", "prompts", "views", "kind", "seed", "try", "right", "kept")  # an image's settings on its page
+
+
+def run_page(run: str | Path) -> Path:
+    """A run folder's page (RUN_PAGE): its sheets, then each image of its result.json in that order (best first
+    where ranked) with its animation, and under each its scores: CLIP's A and C, else the classifier's score,
+    from result.json (`--pick best`, `--tries`, `mirage rank`) and the folder's newest score.json, the newer
+    file first. Written again, replacing the old page, whenever the scores change."""
+    run = Path(run)
+    result = run / "result.json"
+    doc = json.loads(result.read_text(encoding="utf-8"))
+    scored, path = newest_scores(run)
+    newer = path is not None and path.stat().st_mtime_ns > result.stat().st_mtime_ns
+    figures, legends = [], []
+    for entry in doc["images"]:
+        records = [entry, scored.get(entry["file"], {})]
+        line, legend = scores_line(*(records[::-1] if newer else records))
+        rank = f"#{entry['rank']} " if "rank" in entry else ""
+        figures.append(Figure(entry["file"], f"{rank}{entry['file']}", {k: entry[k] for k in SHOWN if k in entry},
+                              scores=line, legend=legend))
+        if entry.get("animation"):
+            figures.append(Figure(entry["animation"], f"{rank}animation", {"seed": entry.get("seed")}, smooth=True))
+        legends += [legend] if legend and legend not in legends else []
+    sections = [Section("images", f"Images ({len(doc['images'])})", [Block("", "; ".join(legends), figures)])]
+    if doc.get("sheets"):
+        sections.insert(0, Section("sheets", "Sheets", [Block("", "", [Figure(name, name, smooth=True)
+                                                                          for name in doc["sheets"]], cell=480)]))
+    text = render(f"{run.name}: mirage {doc.get('task', 'run')}", sections, meta=doc.get("command", ""),
+                  footer="Every image is a PNG in this folder with its settings in its text chunk (`parameters`); "
+                         "result.json lists them all.")
+    return atomic_write(run / RUN_PAGE, lambda tmp: tmp.write_text(text, encoding="utf-8"), replace=True)
+
+
+def newest_scores(run: Path) -> tuple[dict[str, dict], Path | None]:
+    """(file -> {clip} or {score}, the file): what the run folder's newest score.json (score-N.json with the
+    largest N) says of each image it scored; ({}, None) where there is none."""
+    numbered = [(int(m.group(1) or 1), p) for p in run.glob("score*.json")
+                if (m := re.fullmatch(r"score(?:-(\d+))?\.json", p.name))]
+    if not numbered:
+        return {}, None
+    path = max(numbered)[1]
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if report.get("scorer") == "clip":
+        return {i["file"]: {"clip": i["clip"]} for i in report.get("images", [])}, path
+    return {f["file"]: {"score": f["score"]} for f in report.get("files", [])}, path

@@ -1,5 +1,6 @@
 """`mirage score RUN_DIR`: a run's images measured with a classifier of the data set (quality.metrics), or
-with CLIP (`--clip [MODEL]`, quality.clip): per image its similarity matrix, alignment and concealment."""
+with CLIP (`--clip [MODEL]`, quality.clip): per image its similarity matrix, alignment and concealment. It
+writes score.json (numbered when there is one) and the run's page (app.report.run_page) with the scores."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from mirage.app.report import run_page
 from mirage.backends.classes import match_class
 from mirage.backends.load import resolve_device
 from mirage.backends.small import BUILTIN
@@ -95,9 +97,10 @@ def score_command(args) -> int:
     report = score_run(classifier, run, entries, args.blur)
     report["classifier"] = dict(name=str(name), **classifier.info)
     path = write_json(unique_path(run / "score.json"), report)
+    page = run_page(run)
     if not args.quiet:
         print("\n".join(summary(report)))
-        print(f"wrote {path}")
+        print(f"wrote {path} and the run's page {page}")
     return 0
 
 
@@ -186,9 +189,10 @@ def clip_command(args, run: Path) -> int:
     with ClipJudge.load(args.clip, resolve_device(args.device)) as judge:
         report = clip_report(judge, run, entries, plan)
     path = write_json(unique_path(run / "score.json"), report)
+    page = run_page(run)
     if not args.quiet:
         print("\n".join(clip_table(report)))
-        print(f"wrote {path}")
+        print(f"wrote {path} and the run's page {page}")
     return 0
 
 

@@ -11,11 +11,13 @@ for a plain sample the image itself (S is 1x1).
   once over maps (each prompt's column), averaged; tau = 1 / CLIP's logit scale. C is 1 when every map matches
   its own prompt far better than any other, 1/N when the prompts cannot be told apart.
 
-Candidates rank by A, with C breaking ties (`rank_order`). The model is a CLIPModel in the hub's (flat,
-transformers) layout, a hub id or a local folder, with its tokenizer and CLIPImageProcessor; images of any
-size and 1 or 3 channels go through that processor as 8-bit RGB pictures, as CLIP's own examples do, so an
-image scores the same from memory as from its PNG. It is loaded alone, fp16 on a GPU and fp32 on a CPU, and
-freed with `free()` (or at the end of a `with` block).
+Candidates rank by A (at DECIMALS places), with C breaking ties (`rank_keys`, `rank_order`). The model is a
+CLIPModel in the hub's (flat, transformers) layout, a hub id or a local folder, with its tokenizer and
+CLIPImageProcessor; images of any size and 1 or 3 channels go through that processor as 8-bit RGB pictures, as
+CLIP's own examples do, so an image scores the same from memory as from its PNG. It is loaded alone, fp16 on
+a GPU and fp32 on a CPU, and freed with `free()` (or at the end of a `with` block); text features computed by
+one judge can be handed to the next (`load(texts=...)`), so that a run encodes its prompts before any UNet
+loads and later loads CLIP for images alone, where `device_for` says: on the CPU when a GPU lacks the room.
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mirage.backends import hub
+from mirage.backends import hub, memory
 from mirage.errors import MirageError, UsageError
+from mirage.quality.selection import best_first
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 BATCH = 64  # images per CLIP forward pass
 DECIMALS = 4  # alignment is compared at this precision when ranking; closer ones are ties, broken by C
+WORK = memory.GiB // 2  # GPU memory CLIP needs besides its weights: activations of BATCH images, workspaces
 
 Map = Callable[[Tensor], Tensor]
 
@@ -42,14 +46,15 @@ Map = Callable[[Tensor], Tensor]
 class ClipJudge:
     """A loaded CLIP: embeddings of images and prompts, and their cosine similarities."""
 
-    def __init__(self, model, tokenizer, processor, name: str = "clip"):
+    def __init__(self, model, tokenizer, processor, name: str = "clip", texts: dict[str, Tensor] | None = None):
         self.model, self.tokenizer, self.processor, self.name = model, tokenizer, processor, name
-        self._texts: dict[str, Tensor] = {}
+        self._texts: dict[str, Tensor] = dict(texts or {})  # prompt -> its text features, computed once
 
     @classmethod
-    def load(cls, ref: str = DEFAULT_CLIP, device: torch.device | str = "cpu",
-             dtype: torch.dtype | None = None) -> ClipJudge:
-        """The CLIP `ref` names (hub id or folder) on `device`, in fp16 on a GPU and fp32 on a CPU by default."""
+    def load(cls, ref: str = DEFAULT_CLIP, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             texts: dict[str, Tensor] | None = None) -> ClipJudge:
+        """The CLIP `ref` names (hub id or folder) on `device`, in fp16 on a GPU and fp32 on a CPU by default;
+        `texts`: prompts' text features an earlier judge of the same model computed (`text_features`)."""
         from transformers import AutoTokenizer, CLIPModel
 
         device = torch.device(device)
@@ -60,7 +65,7 @@ class ClipJudge:
                                               variant=hub.variant(folder, dtype))
             tokenizer = AutoTokenizer.from_pretrained(folder)
             processor = _processor_class().from_pretrained(folder)
-        return cls(model.to(device).eval(), tokenizer, processor, name=ref)
+        return cls(model.to(device).eval(), tokenizer, processor, name=ref, texts=texts)
 
     # -- properties
     @property
@@ -201,11 +206,17 @@ def judge_scores(judge: ClipJudge, images: Tensor, prompts: Sequence[str] | Sequ
     return alignment(S), concealment(S, judge.tau)
 
 
+def rank_keys(alignment: Tensor, concealment: Tensor, decimals: int = DECIMALS) -> Tensor:
+    """[n, 2] float64, what candidates rank by (quality.selection.best_first): alignment rounded to `decimals`
+    places, then concealment, which breaks the ties of the first."""
+    keys = [[round(float(a), decimals), float(c)] for a, c in zip(alignment, concealment)]
+    return torch.tensor(keys, dtype=torch.float64).reshape(-1, 2)
+
+
 def rank_order(alignment: Tensor, concealment: Tensor, decimals: int = DECIMALS) -> Tensor:
     """Indices best first: by alignment (compared at `decimals` places), ties broken by concealment; equal
     candidates keep their order."""
-    keys = [(-round(float(a), decimals), -float(c)) for a, c in zip(alignment, concealment)]
-    return torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
+    return best_first(rank_keys(alignment, concealment, decimals))
 
 
 def reads_right(S: Tensor) -> Tensor:
@@ -217,11 +228,28 @@ def reads_right(S: Tensor) -> Tensor:
 
 def candidate_scores(judge: ClipJudge, images: Tensor, prompts: Sequence[str] | Sequence[Sequence[str]],
                      maps: Sequence[Map], min_alignment: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(score, right) per candidate for rejection sampling (quality.selection.first_right): the score is the
-    alignment, right is `reads_right` with an alignment of at least `min_alignment`."""
+    """(score [n, 2], right [n]) per candidate for ranking and rejection sampling (quality.selection): the
+    score is `rank_keys` (alignment at DECIMALS places, then concealment), right is `reads_right` with an
+    alignment of at least `min_alignment`."""
     S = view_similarity(judge, images, prompts, maps)
-    score = alignment(S)
-    return score, reads_right(S) & (score >= min_alignment)
+    a = alignment(S)
+    return rank_keys(a, concealment(S, judge.tau)), reads_right(S) & (a >= min_alignment)
+
+
+def device_for(ref: str, device: torch.device | str) -> tuple[torch.device, str | None]:
+    """(where CLIP `ref` runs when a run asks for `device`, a note or None): there, except on a CUDA GPU with
+    less free memory than CLIP's weights plus WORK (a UNet resident on it), where it runs on the CPU and the
+    note says so."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device, None
+    dtype = hub.default_dtype(device)
+    need = hub.weights_bytes(resolve_clip(ref, half=dtype in hub.HALF), "", dtype) + WORK
+    free = memory.vram_free(device)
+    if free >= need:
+        return device, None
+    return torch.device("cpu"), (f"CLIP {ref} scores on the CPU: {device} has {free / memory.GiB:.1f} GiB free, "
+                                 f"less than the {need / memory.GiB:.1f} GiB it needs there")
 
 
 def record(S: Tensor, tau: float, digits: int = 6) -> dict:

@@ -21,8 +21,21 @@ def candidate_scores(classifier: nn.Module, model, images: Tensor, prompts: Sequ
 
 
 def best_first(scores: Tensor) -> Tensor:
-    """The order of candidates by score, best first; equal scores keep their seed order."""
-    return scores.argsort(descending=True, stable=True)
+    """The order of candidates by score, best first: scores [n], or [n, K] compared column by column (each
+    breaks the ties of the one before, as CLIP's concealment breaks those of its alignment:
+    quality.clip.rank_keys); candidates equal in every column keep their order. The one ordering of
+    candidates: `--pick best`, `--tries`, `mirage rank` and `mirage score` all rank through it."""
+    keys = _rows(scores)
+    return torch.tensor(sorted(range(len(keys)), key=lambda k: [-v for v in keys[k]]), dtype=torch.long)
+
+
+def better(new: Tensor, old: Tensor) -> Tensor:
+    """[n] whether each new candidate comes before the old one in `best_first`'s order."""
+    return torch.tensor([a > b for a, b in zip(_rows(new), _rows(old))], dtype=torch.bool)
+
+
+def _rows(scores: Tensor) -> list[list[float]]:
+    return (scores[:, None] if scores.dim() == 1 else scores).tolist()
 
 
 def candidate_seed(seed: int, j: int) -> int:
@@ -36,8 +49,8 @@ def first_right(make: Callable, judge: Callable, items: list[dict], tries: int):
     """Rejection sampling: each item's first try (seeds `candidate_seed(seed, 0..tries-1)`) that `judge`
     reads right, or its best-scoring try where none is. It keeps the model's own variety, where ranking
     candidates keeps the most typical ones. Only the items still wrong are made again.
-    make(items) -> images; judge(images, items) -> (scores, right). Returns (images, items with `try`,
-    scores, right)."""
+    make(items) -> images; judge(images, items) -> (scores, right), scores as `best_first` takes them.
+    Returns (images, items with `try`, scores, right)."""
     images = make(items)
     scores, right = judge(images, items)
     chosen = [dict(item, **{"try": 0}) for item in items]
@@ -48,7 +61,7 @@ def first_right(make: Callable, judge: Callable, items: list[dict], tries: int):
         again = [dict(items[k], seed=candidate_seed(items[k]["seed"], j)) for k in todo.tolist()]
         new = make(again)
         new_scores, new_right = judge(new, again)
-        take = new_right | (new_scores > scores[todo])
+        take = new_right | better(new_scores, scores[todo])
         for i in take.nonzero()[:, 0].tolist():
             k = int(todo[i])
             images[k], scores[k], right[k] = new[i], new_scores[i], new_right[i]
