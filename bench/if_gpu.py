@@ -17,7 +17,7 @@ compiling turned off (CUDA graphs) and as mirage runs it by default (compiled bl
 anagram candidates plus one through stage II against visual_anagrams run eight times; a plain 64-px sample
 against IFPipeline (and 256 px against IFSuperResolutionPipeline); a fresh process under an 8 GiB cap (the
 plans that stay eager, as the notes report them); where stage I's and stage II's GPU time goes (kernels by kind, attention backends). The
-last lines compare with the targets of issue 17. `--skip fresh,calls,anagram,candidates,plain,cap,profile`
+last lines compare with the targets of issue 17. `--skip fresh,calls,layout,anagram,candidates,plain,cap,profile`
 leaves parts out.
 
 --tiny runs the same steps on tiny fp32 models on the CPU, where visual_anagrams cannot run (its sampler asks
@@ -448,7 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, help="where the random-weight models are built (default: a temp folder)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--anchor", type=Path, default=REPO / ".anchor", help="the visual_anagrams checkout")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: calls,profile,fresh,cap")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: fresh,calls,layout,anagram,candidates,plain,cap,"
+                   "profile")
     p.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cap", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -543,6 +544,22 @@ def main(argv=None) -> int:
         print(f"  first calls of mirage's default stages so far: I {one.first_call_seconds:.1f} s, "
               f"II {two.first_call_seconds:.1f} s (compile cache warm from the fresh processes)", flush=True)
 
+    def layouts():
+        print("stage II's layout under mirage's compiled blocks + CUDA graphs (median of 10; eager NHWC was 30 % "
+              "slower on an H100, its group norms):", flush=True)
+        x, cond = unet_inputs(two, b.batches[0], e2)
+        flops = count_flops(direct_call(two.unet(), x, cond, b.dtype, b.device))
+        for channels_last in (False, True):
+            stage = two if not channels_last else load_stage(str(s2), b.device, b.dtype, text_encoder_from=str(s1))
+            stage.channels_last = channels_last  # read when the UNet loads
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                stage.unet()
+            measure_unet(b, "II", b.batches[0], f"mirage {layout_of(stage.unet())}", lambda: stage(x, 500, cond),
+                         flops, first="compile + graphs")
+            if stage is not two:
+                stage.free()
+
     def anagram():
         mirage_anagram(b, one, two, e1, e2, [0], b.steps)  # warm-up: graphs for these shapes
         m1, m2, low, high = mirage_anagram(b, one, two, e1, e2, [0], b.steps)
@@ -617,7 +634,7 @@ def main(argv=None) -> int:
         fresh_runs([("8 GiB cap, warm cache", 8)])
 
     # the fresh processes run while this one holds its models (idle): 139 GiB hold both
-    for name, part in (("calls", calls), ("anagram", anagram), ("candidates", candidates), ("plain", plain),
+    for name, part in (("calls", calls), ("layout", layouts), ("anagram", anagram), ("candidates", candidates), ("plain", plain),
                        ("cap", capped), ("profile", profiles)):
         if name not in skip and not (b.tiny and name in ("profile", "cap")):
             section(name, part)

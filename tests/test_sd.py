@@ -196,8 +196,26 @@ def test_stage3_upscales_an_if_anagram_through_the_same_views(tiny, tiny_if_mode
                  "--stage3", str(tiny.upscaler), "--prompt", "a cat", "--prompt", "a dog", "--view", "identity",
                  "--view", "flip", "--steps", "2", "--steps2", "2", "--quiet", "--out", str(out)]) == 0
     entry = json.loads((out / "result.json").read_text())["images"][0]
-    assert entry["stage3"] == str(tiny.upscaler)
+    assert [st["model"] for st in entry["stages"]] == [str(tiny_if_models.stage_1), str(tiny_if_models.stage_2),
+                                                       str(tiny.upscaler)]
+    assert entry["stages"][2]["steps"] == 20 and entry["stages"][2]["guidance"] == 9.0
+    assert entry["stages"][2]["noise_level"] == 20 and entry["stages"][2]["size"] == 2 * tiny_if.STAGE_II_SIZE
     assert Image.open(out / entry["file"]).size == (2 * tiny_if.STAGE_II_SIZE,) * 2  # the tiny x4 is x2
+
+
+def test_stage3_takes_its_own_settings_and_needs_stage_two(tiny, tiny_if_models, tmp_path, capsys):
+    base = ["anagram", "--model", str(tiny_if_models.stage_1), "--stage3", str(tiny.upscaler), "--prompt", "a cat",
+            "--prompt", "a dog", "--view", "identity", "--view", "flip", "--steps", "2", "--quiet"]
+    out = tmp_path / "run"
+    assert main(base + ["--upscaler", str(tiny_if_models.stage_2), "--steps2", "2", "--steps3", "3",
+                        "--guidance3", "5", "--noise-level3", "40", "--out", str(out)]) == 0
+    third = json.loads((out / "result.json").read_text())["images"][0]["stages"][2]
+    assert (third["steps"], third["guidance"], third["noise_level"]) == (3, 5.0, 40)
+    assert main(base + ["--upscaler", "none", "--out", str(tmp_path / "none")]) == 2
+    assert "--stage3 upscales IF's stage-II images" in capsys.readouterr().err
+    assert main(base + ["--upscaler", str(tiny_if_models.stage_2), "--noise-level3", "9999",
+                        "--out", str(tmp_path / "bad")]) == 2
+    assert "--noise-level3 must be between 0 and" in capsys.readouterr().err
 
 
 def test_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):

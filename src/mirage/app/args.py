@@ -127,7 +127,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", metavar="NAME",
                    help="IF: one of DeepFloyd's published timestep lists instead of --steps: fast27, smart27, "
                         "smart50, smart100, smart185, super27, super40, super100")
-    s2 = p.add_argument_group("stage II (IF upscaler)")
+    s2 = p.add_argument_group("stages II and III (IF's upscaler, then the x4 upscaler)")
     s2.add_argument("--schedule2", metavar="NAME", help="stage II: a published timestep list instead of "
                                                          "--steps2 (e.g. smart50)")
     s2.add_argument("--steps2", type=int, default=50, help="stage-II steps (default 50)")
@@ -136,6 +136,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
                     help="stage-II noise level of the 64-px image (default 250; `mirage upscale`: 20)")
     s2.add_argument("--stage3", default="none", metavar="MODEL",
                     help="after IF stage II: the Stable Diffusion x4 upscaler (hub id or folder), or none")
+    s2.add_argument("--steps3", type=int, default=20, help="stage-III steps (default 20, the x4 upscaler's recipe)")
+    s2.add_argument("--guidance3", type=float, default=9.0, help="stage-III guidance (default 9)")
+    s2.add_argument("--noise-level3", type=int, default=20,
+                    help="stage-III noise level of the 256-px image (default 20)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default: out/<command>); an existing, non-empty "
                                                "folder gets a numbered sibling instead of being overwritten")

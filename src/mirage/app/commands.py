@@ -18,11 +18,9 @@ from mirage.app.rundir import RunDir
 from mirage.app.settings import resolve
 from mirage.app.study import denoising, levels_for
 from mirage.backends import deepfloyd
-from mirage.backends.load import is_small, load_model, load_stage3, resolve_device
-from mirage.backends.schedulers import Scheduler
+from mirage.backends.load import is_small, load_model, resolve_device
 from mirage.engine import tasks
 from mirage.engine.denoiser import space_shape
-from mirage.engine.sample import Sampling
 from mirage.errors import UsageError
 from mirage.illusions.filters import PARTS, SIGMA
 from mirage.illusions.views import VIEW_NAMES, parse_views
@@ -72,7 +70,7 @@ def sample_cmd(args) -> int:
         return tasks.sample(model, prompt, seeds(items), sampling, low_res=low_res)
 
     items, total = per_seed(args)
-    return execute(args, Job("sample", items, total, with_stage3(args, run), settings=dict(prompt=prompt), sheet=sheets.grid,
+    return execute(args, Job("sample", items, total, run, settings=dict(prompt=prompt), sheet=sheets.grid,
                              checks=lambda size: ([prompt], [identity])))
 
 
@@ -139,7 +137,7 @@ def edit_cmd(args) -> int:
 
     chosen = seeds_of(args)
     items = (dict(seed=s, start=i) for s, i in product(chosen, starts))
-    return execute(args, Job("edit", items, len(chosen) * len(starts), with_stage3(args, run), sheet=sheets.series, fits=fits,
+    return execute(args, Job("edit", items, len(chosen) * len(starts), run, sheet=sheets.series, fits=fits,
                              settings=dict(prompt=prompt, image=args.image)))
 
 
@@ -172,7 +170,7 @@ def inpaint_cmd(args) -> int:
         mask_for(model, args)
 
     items, total = per_seed(args)
-    return execute(args, Job("inpaint", items, total, with_stage3(args, run), sheet=sheets.grid, fits=fits,
+    return execute(args, Job("inpaint", items, total, run, sheet=sheets.grid, fits=fits,
                              settings=dict(prompt=prompt, image=args.image, mask=args.mask, box=args.box,
                                            resample=args.resample)))
 
@@ -203,7 +201,7 @@ def anagram_cmd(args) -> int:
         return tasks.anagram(model, args.prompt, views, seeds(items), sampling, reduce=args.reduce, low_res=low_res)
 
     items, total = per_seed(args)
-    return execute(args, Job("anagram", items, total, with_stage3(args, run), views=views, sheet=sheets.illusion(views),
+    return execute(args, Job("anagram", items, total, run, views=views, sheet=sheets.illusion(views),
                              fits=lambda model, sampling: tasks.check_views(model, views),
                              settings=dict(prompts=args.prompt, views=names, view_seed=args.view_seed,
                                            reduce=args.reduce),
@@ -259,39 +257,12 @@ def hybrid_cmd(args) -> int:
                              f"images: use --kind lowhigh or lowmidhigh")
 
     items, total = per_seed(args)
-    job = Job("hybrid", items, total, with_stage3(args, run), sheet=sheets.hybrid, fits=fits,
+    job = Job("hybrid", items, total, run, sheet=sheets.hybrid, fits=fits,
               settings=dict(kind=args.kind, sigma=sigma, prompts=prompts, components=list(parts),
                             image=args.image, image_component=from_image),
               checks=(lambda size: (prompts, hybrid_maps(size, sigma)))
               if args.kind == "lowhigh" and from_image is None else None)
     return execute(args, job)
-
-
-# ---- --stage3: the x4 upscaler after IF stage II -------------------------------------------------
-STAGE3_STEPS, STAGE3_GUIDANCE, STAGE3_NOISE = 20, 9.0, 20  # the x4 upscaler's published recipe
-
-
-def with_stage3(args, run):
-    """`run`, whose stage-II calls (those given a low-res image) go on through the x4 upscaler named by
-    --stage3, as the same task: an illusion's views act on its latents too, so each holds at 4x the size."""
-    ref = getattr(args, "stage3", "none") or "none"
-    if ref == "none":
-        return run
-    loaded = {}
-
-    def staged(model, items, sampling, low_res):
-        images = run(model, items, sampling, low_res)
-        if low_res is None:
-            return images
-        if "model" not in loaded:
-            loaded["model"] = load_stage3(ref, resolve_device(args.device))
-        up = loaded["model"]
-        up.set_size(images.shape[-1] * (up.size // space_shape(up)[-1]))
-        getattr(model, "free", lambda: None)()
-        spec = Scheduler(up.scheduler_name, up.scheduler_config, STAGE3_STEPS)
-        stage3 = Sampling(spec.timesteps(), STAGE3_GUIDANCE, scheduler=spec, progress=not args.quiet)
-        return run(up, items, stage3, tasks.LowRes(images.to(up.device), STAGE3_NOISE))
-    return staged
 
 
 # ---- upscale: Stable Diffusion's x4 upscaler ------------------------------------------------------

@@ -15,10 +15,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mirage import parallel
+from mirage.app.report import run_page
 from mirage.app.rundir import RunDir, disk_full
 from mirage.app.settings import CHUNK, Settings, resolve, stage_record
 from mirage.app.sheets import animate, best_above_rest, save_sheet
-from mirage.backends.load import is_small, load_model, load_upscaler, resolve_device
+from mirage.backends.load import is_small, load_model, load_stage3, load_upscaler, resolve_device
+from mirage.engine.denoiser import space_shape
 from mirage.engine.guide import Guide, for_task
 from mirage.engine.sample import Sampling
 from mirage.engine.tasks import LowRes
@@ -149,10 +151,13 @@ def make_run(s: Settings, job: Job, out: RunDir, ctx: parallel.Context):
     judge = _judge(s, job, model, device)
     upscaler = models.get(s.model, ("upscaler", s.upscaler, str(device), s.memory, s.compile),
                           lambda: load_upscaler(s.upscaler, s.model, device, s.memory, s.compile))
-    stage2 = s.upscaling(upscaler) if upscaler is not None else None
+    later = [] if upscaler is None else [Stage(upscaler, s.upscaling(upscaler), s.noise_level)]
     stages = [stage_record(s.model, model, stage1)]
     if upscaler is not None:
-        stages.append(stage_record(s.upscaler, upscaler, stage2, noise_level=s.noise_level))
+        stages.append(stage_record(s.upscaler, upscaler, later[0].sampling, noise_level=s.noise_level))
+    if s.stage3 != "none":
+        later.append(_stage3(s, device, upscaler))
+        stages.append(stage_record(s.stage3, later[-1].model, later[-1].sampling, noise_level=s.noise_level3))
     record = dict(s.record(), stages=stages, **job.settings,
                   **(dict(classifier_guidance=guide.scale) if guide is not None else {}),
                   **(judge.record() if judge is not None else {}))
@@ -166,7 +171,7 @@ def make_run(s: Settings, job: Job, out: RunDir, ctx: parallel.Context):
     if s.ranked:  # one chunk, ranked against every rank's: each rank joins, with no share too
         chunks = iter([next(chunks, [])])
     for items in chunks:
-        images, low, items = _stages(s, job, model, upscaler, items, stage1, stage2, judge)
+        images, low, items = _stages(s, job, model, later, items, stage1, judge)
         wrong += sum(1 for item in items if item.get("right") is False)
         if s.ranked:
             images, low, items = _ranked(ctx, images, low, items)
@@ -185,7 +190,27 @@ def make_run(s: Settings, job: Job, out: RunDir, ctx: parallel.Context):
               file=sys.stderr)
     if job.sheet is not None:
         save_sheet(out, _sheet(s, job, out), "sheet.png")
-    return out.finish(), made
+    result = out.finish()
+    run_page(out.path)
+    return result, made
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A super-resolution stage after stage I: its model, its loop, and the noise level of its low-res input."""
+    model: object
+    sampling: Sampling
+    noise_level: int
+
+
+def _stage3(s: Settings, device, upscaler) -> Stage:
+    """The x4 upscaler after IF's stage II, at 4x stage II's size (each illusion's views act on its latents)."""
+    if upscaler is None:
+        raise UsageError("--stage3 upscales IF's stage-II images: give --upscaler (IF-II), or drop --stage3")
+    third = models.get(s.model, ("stage3", s.stage3, str(device), s.memory, s.compile),
+                       lambda: load_stage3(s.stage3, device, s.memory, s.compile))
+    third.set_size(upscaler.size * (third.size // space_shape(third)[-1]))
+    return Stage(third, s.stage3_sampling(third), s.noise_level3)
 
 
 def _encode_once(model, job: Job, ctx: parallel.Context) -> None:
@@ -247,16 +272,20 @@ def _read_back(path) -> Tensor:
     return load_image(path, size=size, channels=channels)[0]
 
 
-def _stages(s: Settings, job: Job, model, upscaler, items: list[dict], stage1: Sampling, stage2: Sampling | None,
+def _stages(s: Settings, job: Job, model, later: list[Stage], items: list[dict], stage1: Sampling,
             judge: Judge | None):
-    """(images, stage-I images where upscaled, items) of one chunk, made through both stages."""
+    """(images, stage-I images where upscaled, items) of one chunk, made through stage I and the `later` ones,
+    each model freed before the next one runs."""
     if not items:
         return torch.empty(0), None, []
     images, items = _make(s, job, model, items, stage1, judge)
-    if upscaler is None:
-        return images, None, items
-    getattr(model, "free", lambda: None)()
-    return _batched(job.run, upscaler, items, stage2, s.batch_size, LowRes(images, s.noise_level)), images, items
+    low, before = None if not later else images, model
+    for stage in later:
+        getattr(before, "free", lambda: None)()
+        images = _batched(job.run, stage.model, items, stage.sampling, s.batch_size,
+                          LowRes(images, stage.noise_level))
+        before = stage.model
+    return images, low, items
 
 
 def _make(s: Settings, job: Job, model, items: list[dict], sampling: Sampling, judge: Judge | None):

@@ -54,6 +54,9 @@ class Settings:
     scheduler: str | None = None  # --scheduler; None: the model's own where it has one (Stable Diffusion)
     size: int | None = None  # --size (Stable Diffusion)
     stage3: str = "none"  # --stage3: the x4 upscaler after IF stage II
+    steps3: int = 20  # its published recipe: 20 steps, guidance 9, noise level 20
+    guidance3: float = 9.0
+    noise_level3: int = 20
 
     @property
     def command(self) -> str:
@@ -113,13 +116,20 @@ class Settings:
                      else upscaler.schedule.timesteps(self.steps2))
         return Sampling(tuple(timesteps), self.guidance2, None, self.sampler, self.eta, progress=not self.quiet)
 
+    def stage3_sampling(self, upscaler) -> Sampling:
+        """The x4 upscaler's loop after stage II: its own scheduler for --steps3 steps."""
+        if not 0 <= self.noise_level3 <= upscaler.max_noise_level:
+            raise UsageError(f"--noise-level3 must be between 0 and {upscaler.max_noise_level} for {self.stage3}, "
+                             f"got {self.noise_level3}")
+        spec = Scheduler(upscaler.scheduler_name, upscaler.scheduler_config, self.steps3)
+        return Sampling(spec.timesteps(), self.guidance3, scheduler=spec, progress=not self.quiet)
+
     def record(self) -> dict:
         """The run-wide settings every image's record starts with."""
         return dict(task=self.task, mirage=__version__, argv=list(self.argv), sampler=self.sampler,
                     **(dict(eta=self.eta) if self.sampler == "ddim" else {}),
                     **(dict(scheduler=self.scheduler) if self.scheduler else {}),
-                    **(dict(size=self.size) if self.size else {}),
-                    **(dict(stage3=self.stage3) if self.stage3 != "none" else {}))
+                    **(dict(size=self.size) if self.size else {}))
 
 
 def stage_record(name: str, model, sampling: Sampling, **extra) -> dict:
@@ -161,6 +171,10 @@ def resolve(args, task: str) -> Settings:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size} (leave it out for a whole "
                          f"chunk of up to {CHUNK} images per call)")
     validate(steps=args.steps2, guidance=args.guidance2)
+    stage3 = getattr(args, "stage3", "none") or "none"
+    steps3, guidance3, noise3 = (getattr(args, k, d) for k, d in (("steps3", 20), ("guidance3", 9.0),
+                                                                  ("noise_level3", 20)))
+    validate(steps=steps3, guidance=guidance3)
     spacing = defaults["spacing"] if args.steps is None else "diffusers"
     return Settings(task=task, model=args.model, device=args.device, memory=args.memory, compile=args.compile,
                     steps=steps, spacing=spacing, guidance=guidance, guidance_interval=interval,
@@ -171,7 +185,7 @@ def resolve(args, task: str) -> Settings:
                     quiet=args.quiet, argv=tuple(args.argv), scorer=getattr(args, "scorer", None),
                     clip=getattr(args, "clip", None) or DEFAULT_CLIP, schedule=_schedule(args, "schedule", "steps"),
                     schedule2=_schedule(args, "schedule2", "steps2"), scheduler=scheduler, size=size,
-                    stage3=getattr(args, "stage3", "none") or "none")
+                    stage3=stage3, steps3=steps3, guidance3=guidance3, noise_level3=noise3)
 
 
 def _schedule(args, option: str, steps: str) -> str | None:
