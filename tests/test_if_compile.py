@@ -15,13 +15,12 @@ from mirage.backends import runtime
 from mirage.backends.deepfloyd import load_stage
 from mirage.backends.runtime import (
     COMPILE_MODE,
-    CompileNote,
     compile_regions,
     inductor_cache_dir,
     uncompile_regions,
 )
 from mirage.backends.load import load_model
-from mirage.backends.memory import Plan
+from mirage.backends.memory import Plan, PlanNote, note_plan
 from mirage.engine.denoiser import Cond
 
 
@@ -145,7 +144,7 @@ def test_eager_plans_are_honoured_and_reported(tiny_if_models):
             assert stage.execution.startswith("eager (")
             assert not any("forward" in m.__dict__ for m in unet.modules())
             stage(*_calls(stage, batches=(1,))[0])
-    assert not [n for n in notes if issubclass(n.category, CompileNote)]
+    assert not [n for n in notes if issubclass(n.category, PlanNote)]
 
 
 def test_blocks_plan_runs_eager_with_its_streaming(tiny_if_models):
@@ -155,3 +154,12 @@ def test_blocks_plan_runs_eager_with_its_streaming(tiny_if_models):
     eps, var = stage(x, t, cond)
     assert stage.plan.name == "blocks" and not stage.compiled and "stream" in stage.execution
     assert torch.allclose(eps, plain(x, t, cond)[0], atol=1e-5)
+
+
+def test_plans_are_noted_on_a_gpu_only():
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        note_plan("T5", Plan("blocks", budget=2**30), torch.device("cpu"))
+        note_plan("T5", Plan("blocks", budget=2**30), torch.device("cuda"))  # a device's type, no GPU needed
+    assert [str(n.message) for n in notes] == ["T5: memory plan blocks (1.0 GiB on the GPU)"]
+    assert notes[0].category is PlanNote

@@ -128,6 +128,16 @@ def plan_for(memory: str, device: torch.device, sizes: Sizes) -> Plan:
     return Plan(memory)
 
 
+class PlanNote(UserWarning):
+    """The one-line note of the memory plan a model runs under on a GPU (and, for UNets, how it runs)."""
+
+
+def note_plan(what: str, plan: Plan, device: torch.device, how: str = "") -> None:
+    """Say which plan `what` runs under, on a GPU only (off one there is no choice to report)."""
+    if device.type == "cuda":
+        warnings.warn(f"{what}: memory plan {plan.describe()}{how}", PlanNote, stacklevel=3)
+
+
 def compute_device(plan: Plan, device: torch.device) -> torch.device:
     return torch.device("cpu") if plan.name == "cpu" else device
 

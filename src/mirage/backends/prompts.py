@@ -78,6 +78,7 @@ class PromptEncoder:
         return memory.until_it_fits(lambda: self._run_t5_as(self.plan, folder, prompts), lean)
 
     def _run_t5_as(self, plan: memory.Plan, folder: Path, prompts: list[str]) -> list[Tensor]:
+        memory.note_plan(f"{self.ref}: T5 ({len(prompts)} prompt(s) to encode)", plan, self.device)
         tokenizer, model = hub.load_text_encoder(folder, memory.compute_device(plan, self.device), self.dtype, plan)
         try:
             out = []

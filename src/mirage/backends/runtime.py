@@ -116,12 +116,10 @@ class UNetRuntime(Placed):
             self._graphs = _Graphs(unet, self._first_call_took)
         self.execution = ("compiled blocks" if self.compiled else f"eager ({why_eager})") + \
             (" + CUDA graphs" if graphs else "")
-        if device.type == "cuda" and self.execution not in self._noted:
+        if self.execution not in self._noted:
             self._noted.add(self.execution)
-            where = f"memory plan {plan.describe()}"
-            warnings.warn(f"{self.ref}: {where}: UNet runs {self.execution}"
-                          + (f"; compiled code is cached in {inductor_cache_dir()}" if self.compiled else ""),
-                          CompileNote, stacklevel=4)
+            memory.note_plan(self.ref, plan, device, f": UNet runs {self.execution}"
+                             + (f"; compiled code is cached in {inductor_cache_dir()}" if self.compiled else ""))
         return unet
 
     def _why_eager(self, plan: memory.Plan, device: torch.device) -> str | None:
@@ -240,10 +238,6 @@ class _Graphs:
         finally:
             torch.backends.cudnn.benchmark = benchmark
         return inputs, graph, out
-
-
-class CompileNote(UserWarning):
-    """The one-line note saying whether a model's UNet runs compiled or eagerly, and why."""
 
 
 def inductor_cache_dir() -> Path:
