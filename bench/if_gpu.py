@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO / "src")]
 import if_arch  # noqa: E402
+import rss  # noqa: E402
 import if_reference  # noqa: E402
 
 from mirage.backends import hub  # noqa: E402
@@ -380,7 +380,7 @@ def fresh(args) -> int:
         finite=bool(torch.isfinite(high).all()),
         peak_vram_gib=torch.cuda.max_memory_reserved() / GiB if cuda else 0.0,
         peak_allocated_gib=torch.cuda.max_memory_allocated() / GiB if cuda else 0.0,
-        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+        peak_rss_gib=rss.peak_rss_gib()[1] or rss.peak_rss_gib()[0],  # VmHWM where there is one: see rss.py
         notes=[str(n.message) for n in notes if "memory" in str(n.message) or "UNet runs" in str(n.message)])))
     return 0
 

@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO / "src")]
 import if_arch  # noqa: E402  (IF-I-XL, IF-II-L and T5-XXL at the published sizes)
+from rss import peak_rss_gib, rss_text  # noqa: E402
 import tiny_sd  # noqa: E402  (the CLIP BPE tokenizer, written from a small vocab; the tiny configs)
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -172,27 +172,6 @@ def build_x4(root: Path, tiny: bool, device: torch.device | str = "cpu") -> Path
         pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     release()
     return folder
-
-
-def peak_rss_gib() -> tuple[float, float | None]:
-    """This process's peak RSS: (ru_maxrss, /proc's VmHWM where there is one). In a child ru_maxrss is no
-    measure: at exec Linux folds the high-water mark of the address space it replaces (the parent's, under
-    vfork; a copy of it after fork) into it. The H200 run: 11.1 GiB, this parent's, against a VmHWM of 2.75
-    GiB. So the fresh process's figure is VmHWM."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
-    try:
-        hwm = next(int(line.split()[1]) * 1024 / GiB for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        hwm = None
-    return maxrss, hwm
-
-
-def rss_text(maxrss: float, hwm: float | None) -> str:
-    if hwm is None:
-        return f"{maxrss:.2f} GiB (ru_maxrss)"
-    return f"{hwm:.2f} GiB (VmHWM" + (f"; ru_maxrss {maxrss:.2f} GiB, with the parent's at the fork)"
-                                      if abs(hwm - maxrss) > 0.01 else ")")
 
 
 def release() -> None:
