@@ -96,10 +96,15 @@ def score_command(args) -> int:
     classifier = load_classifier(name)
     report = score_run(classifier, run, entries, args.blur)
     report["classifier"] = dict(name=str(name), **classifier.info)
+    return _written(run, report, summary, args.quiet)
+
+
+def _written(run: Path, report: dict, table, quiet: bool) -> int:
+    """score.json (a numbered one beside earlier ones) and the run's page, then the table printed."""
     path = write_json(unique_path(run / "score.json"), report)
     page = run_page(run)
-    if not args.quiet:
-        print("\n".join(summary(report)))
+    if not quiet:
+        print("\n".join(table(report)))
         print(f"wrote {path} and the run's page {page}")
     return 0
 
@@ -188,12 +193,7 @@ def clip_command(args, run: Path) -> int:
     plan = clip_plan(run, entries, args.blur)  # before CLIP loads: an unscorable run stops here
     with ClipJudge.load(args.clip, resolve_device(args.device)) as judge:
         report = clip_report(judge, run, entries, plan)
-    path = write_json(unique_path(run / "score.json"), report)
-    page = run_page(run)
-    if not args.quiet:
-        print("\n".join(clip_table(report)))
-        print(f"wrote {path} and the run's page {page}")
-    return 0
+    return _written(run, report, clip_table, args.quiet)
 
 
 @dataclass
