@@ -26,17 +26,19 @@ from mirage.backends.prompts import default_cache_dir
 from mirage.engine.denoiser import Cond, space_shape
 
 # Regional compilation: inductor (its default mode) compiles each resnet and attention block of the UNets, not
-# the whole model. Blocks of one kind and the same widths share one compiled graph (both stages together: 60
+# the whole model. Blocks of one kind and the same widths share one compiled graph (both IF stages together: 60
 # graphs for 130 blocks), and the batch dimension is marked dynamic, so a new batch size compiles nothing
 # (measured: 60 graphs after batch 4, still 60 after batch 32). Widths stay static: with every size symbolic
-# (a handful of graphs in all) the first stage-I call took 334 s on an H200, sympy-bound. It fuses the blocks'
-# elementwise work (group norms, SiLU, scale-shift, residuals) around the convolutions and matrix products,
-# which stay cuDNN's and cuBLAS's. Compiled code is cached in inductor's cache under mirage's cache folder
-# (`inductor_cache_dir`), so a second process starts warm. Measured on an H200 (bench/if_gpu_h200.log), the
-# first 2-view anagram of a fresh process spends 225 s compiling on an empty cache and 45 s on a warm one,
-# then runs 30 + 30 steps in 2.1 s (stage I at batch 4: 28 ms a step, against 40 ms eager with CUDA graphs
-# and 53 ms as diffusers runs it). Whole-model compilation, the earlier way, took 70-130 s for each new batch
-# shape (bench/if_gpu_h100.log).
+# (a handful of graphs in all) the first stage-I call took 334 s on an H200, sympy-bound. Symbolic heights and
+# widths would save no graph either: IF's 130 blocks hold 58 distinct kinds and widths, each at one resolution
+# only (counted on the meta device). It fuses the blocks' elementwise work (group norms, SiLU, scale-shift,
+# residuals) around the convolutions and matrix products, which stay cuDNN's and cuBLAS's. Compiled code is
+# cached in inductor's cache under mirage's cache folder (`inductor_cache_dir`), so a second process starts warm.
+# Measured on an H200 (bench/if_gpu_h200.log): the first 2-view anagram of a fresh process spends 225 s compiling
+# on an empty cache and 45 s on a warm one, then runs 30 + 30 steps in 2.1-2.2 s (2.32x visual_anagrams' own
+# samplers in the same run; stage I at batch 4: 28 ms a step, against 40 ms eager with CUDA graphs and 53 ms as
+# diffusers runs it). SD 1.5's UNet compiles in 41 s (bench/sd_gpu_h200.log). Whole-model compilation, the
+# earlier way, took 70-130 s for each new batch shape (bench/if_gpu_h100.log).
 COMPILE_MODE = "default"
 COMPILE_BACKEND = "inductor"
 
