@@ -448,8 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, help="where the random-weight models are built (default: a temp folder)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--anchor", type=Path, default=REPO / ".anchor", help="the visual_anagrams checkout")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: fresh,calls,layout,anagram,candidates,plain,cap,"
-                   "profile")
+    p.add_argument("--skip", default="",
+                   help="comma-separated parts to skip: fresh,calls,layout,anagram,candidates,plain,cap,profile")
     p.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cap", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -634,8 +634,8 @@ def main(argv=None) -> int:
         fresh_runs([("8 GiB cap, warm cache", 8)])
 
     # the fresh processes run while this one holds its models (idle): 139 GiB hold both
-    for name, part in (("calls", calls), ("layout", layouts), ("anagram", anagram), ("candidates", candidates), ("plain", plain),
-                       ("cap", capped), ("profile", profiles)):
+    for name, part in (("calls", calls), ("layout", layouts), ("anagram", anagram), ("candidates", candidates),
+                       ("plain", plain), ("cap", capped), ("profile", profiles)):
         if name not in skip and not (b.tiny and name in ("profile", "cap")):
             section(name, part)
     r.pop("anagram_images", None)

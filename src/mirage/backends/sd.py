@@ -4,10 +4,10 @@ As the walk-through builds it: `AutoencoderKL` (image <-> latents, times its sca
 `CLIPTextModel` + `CLIPTokenizer` (prompts -> embeddings, cached on disk, the encoder loaded for the prompts
 not seen yet and freed: prompts.ClipPromptEncoder), `UNet2DConditionModel` (loaded on first call, under a
 memory plan, with CUDA graphs and on request compiled blocks: runtime.py, as for IF) and the folder's scheduler
-config (engine Sampling.scheduler via schedulers.py). The model works in latents; it says how to enter and leave them (`encode_image`,
-`decode`), what they look like (`space_shape`) and which views act on their grid (a latent cell is a
-`factor` x `factor` pixel block: flips, rotations and whole-cell permutations commute with the VAE, negate
-and pixel permutations do not). Tasks and the loop never ask more.
+config (engine Sampling.scheduler via schedulers.py). The model works in latents; it says how to enter and
+leave them (`encode_image`, `decode`), what they look like (`space_shape`) and which views act on their grid
+(a latent cell is a `factor` x `factor` pixel block: flips, rotations and whole-cell permutations commute with
+the VAE, negate and pixel permutations do not). Tasks and the loop never ask more.
 """
 from __future__ import annotations
 
