@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from mirage.app.defaults import X4_RECIPE
 from mirage.errors import UsageError
 
 
@@ -136,10 +137,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
                     help="stage-II noise level of the 64-px image (default 250; `mirage upscale`: 20)")
     s2.add_argument("--stage3", default="none", metavar="MODEL",
                     help="after IF stage II: the Stable Diffusion x4 upscaler (hub id or folder), or none")
-    s2.add_argument("--steps3", type=int, default=20, help="stage-III steps (default 20, the x4 upscaler's recipe)")
-    s2.add_argument("--guidance3", type=float, default=9.0, help="stage-III guidance (default 9)")
-    s2.add_argument("--noise-level3", type=int, default=20,
-                    help="stage-III noise level of the 256-px image (default 20)")
+    s2.add_argument("--steps3", type=int, default=X4_RECIPE["steps"],
+                    help=f"stage-III steps (default {X4_RECIPE['steps']}, the x4 upscaler's recipe)")
+    s2.add_argument("--guidance3", type=float, default=X4_RECIPE["guidance"],
+                    help=f"stage-III guidance (default {X4_RECIPE['guidance']:g})")
+    s2.add_argument("--noise-level3", type=int, default=X4_RECIPE["noise_level"],
+                    help=f"stage-III noise level of the 256-px image (default {X4_RECIPE['noise_level']})")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default: out/<command>); an existing, non-empty "
                                                "folder gets a numbered sibling instead of being overwritten")

@@ -18,9 +18,13 @@ SMALL_DEFAULTS = dict(steps=30, guidance=2.0, guidance_interval=None, tries=8, c
                       steps_hybrid=100, spacing="diffusers", spacing_edit="strided", spacing_denoise="strided", guidance_denoise=1.0)
 
 
-# StableDiffusionPipeline's own (50 steps, guidance 7.5), the x4 upscaler's (20 steps, guidance 9)
+# the x4 upscaler's published recipe: `mirage upscale`'s defaults, and IF's stage III's (--steps3, --guidance3,
+# --noise-level3)
+X4_RECIPE = dict(steps=20, guidance=9.0, noise_level=20)
+# StableDiffusionPipeline's own (50 steps, guidance 7.5), the x4 upscaler's
 SD_DEFAULTS = dict(steps=50, guidance=7.5, guidance_interval=None, tries=1, confidence=0.5, sigma=None,
-                   spacing="diffusers", guidance_denoise=1.0, steps_upscale=20, guidance_upscale=9.0)
+                   spacing="diffusers", guidance_denoise=1.0, steps_upscale=X4_RECIPE["steps"],
+                   guidance_upscale=X4_RECIPE["guidance"])
 
 
 def task_defaults(small: bool, task: str, family: str | None = None) -> dict:

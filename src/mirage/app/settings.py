@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mirage import __version__
 from mirage.app.args import parse_interval
-from mirage.app.defaults import task_defaults
+from mirage.app.defaults import X4_RECIPE, task_defaults
 from mirage.backends.deepfloyd import SCHEDULES, named_timesteps
 from mirage.backends.load import is_sd, is_small, resolve_device
 from mirage.backends.schedulers import Scheduler, check_name
@@ -54,9 +54,9 @@ class Settings:
     scheduler: str | None = None  # --scheduler; None: the model's own where it has one (Stable Diffusion)
     size: int | None = None  # --size (Stable Diffusion)
     stage3: str = "none"  # --stage3: the x4 upscaler after IF stage II
-    steps3: int = 20  # its published recipe: 20 steps, guidance 9, noise level 20
-    guidance3: float = 9.0
-    noise_level3: int = 20
+    steps3: int = X4_RECIPE["steps"]  # its loop (default: its published recipe)
+    guidance3: float = X4_RECIPE["guidance"]
+    noise_level3: int = X4_RECIPE["noise_level"]
 
     @property
     def command(self) -> str:
@@ -149,7 +149,8 @@ def resolve(args, task: str) -> Settings:
     size = getattr(args, "size", None)
     if size is not None and size <= 0:
         raise UsageError(f"--size must be a positive number of pixels, got {size}")
-    noise_level = args.noise_level if args.noise_level is not None else 20 if task == "upscale" else 250
+    noise_level = args.noise_level if args.noise_level is not None else \
+        X4_RECIPE["noise_level"] if task == "upscale" else 250
     steps = defaults["steps"] if args.steps is None else args.steps
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     validate(steps=steps, guidance=guidance)
@@ -172,8 +173,7 @@ def resolve(args, task: str) -> Settings:
                          f"chunk of up to {CHUNK} images per call)")
     validate(steps=args.steps2, guidance=args.guidance2)
     stage3 = getattr(args, "stage3", "none") or "none"
-    steps3, guidance3, noise3 = (getattr(args, k, d) for k, d in (("steps3", 20), ("guidance3", 9.0),
-                                                                  ("noise_level3", 20)))
+    steps3, guidance3, noise3 = (getattr(args, f"{k}3", X4_RECIPE[k]) for k in ("steps", "guidance", "noise_level"))
     validate(steps=steps3, guidance=guidance3)
     spacing = defaults["spacing"] if args.steps is None else "diffusers"
     return Settings(task=task, model=args.model, device=args.device, memory=args.memory, compile=args.compile,
