@@ -117,7 +117,9 @@ def page(browser, server):
 
 
 def fill(page, elem_id: str, value: str) -> None:
-    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(value)
+    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    field.fill(value)
+    field.press("Tab")  # commit it (blur) first: under load a click was seen to outrun a number field's new value
 
 
 def value(page, elem_id: str) -> str:
