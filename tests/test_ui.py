@@ -116,10 +116,19 @@ def page(browser, server):
     context.close()
 
 
-def fill(page, elem_id: str, value: str) -> None:
+def fill(page, elem_id: str, value: str, settle_ms: int = 300) -> None:
+    """Type `value` into the field and commit it (blur): under load a click was seen to outrun a number field's
+    new value. Gradio mounts what a closed accordion or an unseen tab holds only when it opens, a moment after
+    the click (render_previously_invisible_children), and that puts back the field's first value: what was
+    typed in that moment is lost. So the value is checked after a moment, and typed again if it was lost."""
     field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-    field.fill(value)
-    field.press("Tab")  # commit it (blur) first: under load a click was seen to outrun a number field's new value
+    for _ in range(5):
+        field.fill(value)
+        field.press("Tab")
+        page.wait_for_timeout(settle_ms)
+        if field.input_value() == value:
+            return
+    raise AssertionError(f"#{elem_id} does not keep {value!r}: it shows {field.input_value()!r}")
 
 
 def value(page, elem_id: str) -> str:
