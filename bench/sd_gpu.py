@@ -286,10 +286,12 @@ def sample_part(b, out: dict) -> None:
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     model = load_model(str(folder), b.device, compile=b.compile)
+    model.channels_last = b.channels_last  # read when its UNet loads (on a GPU, with the whole UNet resident)
     spec = Scheduler(model.scheduler_name, model.scheduler_config, b.steps)
     sampling = Sampling(spec.timesteps(), GUIDANCE, scheduler=spec)
     print(f"SD 1.5 sample, {model.size} px, {b.steps} steps, guidance {GUIDANCE:g}, the folder's scheduler "
-          f"({model.scheduler_name}):  StableDiffusionPipeline | mirage | ratio", flush=True)
+          f"({model.scheduler_name}), mirage's UNet {'NHWC' if b.channels_last else 'NCHW'}:  "
+          "StableDiffusionPipeline | mirage | ratio", flush=True)
     results = out.setdefault("results", [])
     for n in b.batches:
         seeds = list(range(n))
@@ -476,6 +478,7 @@ class Bench:
         self.batches = [int(n) for n in (a.batches or ("1,2" if a.tiny else "1,8")).split(",")]
         self.repeats = a.repeats
         self.compile = a.compile
+        self.channels_last = a.channels_last
         self.root = Path(a.root)
         self.arch = if_arch.TINY if a.tiny else if_arch.PUBLISHED
 
@@ -509,6 +512,8 @@ def main(argv=None) -> int:
                     help="timed runs per case (default 3, and 2 at batch 8; 1 with --tiny)")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)}")
     ap.add_argument("--compile", action="store_true", help="mirage's side with --compile (compiled UNet blocks)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="mirage's SD UNet resident in NHWC (its default is NCHW; unmeasured on a GPU until now)")
     ap.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -113,7 +113,8 @@ class StableDiffusion(UNetRuntime):
             self.set_size(size)
         self.text = ClipPromptEncoder(ref, self._device, self._dtype, cache_dir)
         self._vae = None
-        # NCHW: channels-last is measured for IF's UNets only (bench/if_gpu.py), not yet for SD's
+        # NCHW: channels-last is measured for IF's UNets only (bench/if_gpu.py), not yet for SD's (bench/sd_gpu.py
+        # --channels-last measures it)
         self._init_runtime(memory, compile, channels_last=False)
 
     # ---- what the seam asks -------------------------------------------------------------------------
