@@ -51,7 +51,7 @@ import if_reference  # noqa: E402
 
 from mirage.backends import hub  # noqa: E402
 from mirage.backends.deepfloyd import load_stage  # noqa: E402
-from mirage.backends.runtime import COMPILE_MODE  # noqa: E402
+from mirage.backends.runtime import COMPILE_MODE, COMPILE_SCOPE, COMPILE_SCOPES  # noqa: E402
 from mirage.backends.memory import GiB  # noqa: E402
 from mirage.engine.denoiser import Cond  # noqa: E402
 from mirage.engine.schedule import CLEAN, ddpm_step  # noqa: E402
@@ -66,6 +66,7 @@ PEAK = 790e12  # dense fp16 FLOP/s of large matrix products on an H200 (KINDS.md
 class Bench:
     def __init__(self, args):
         self.tiny = args.tiny
+        self.scope = args.scope
         self.device = torch.device("cpu" if args.tiny else "cuda")
         self.dtype = torch.float32 if args.tiny else torch.float16
         self.arch = if_arch.TINY if args.tiny else if_arch.PUBLISHED
@@ -358,6 +359,7 @@ def fresh(args) -> int:
         start = time.perf_counter()
         one = load_stage(str(s1), b.device)
         two = load_stage(str(s2), b.device, text_encoder_from=str(s1))
+        one.compile_scope = two.compile_scope = args.scope  # read when the UNets load
         e1 = one.encode(PROMPTS + [""]).embeds
         e2 = two.encode(PROMPTS + [""]).embeds
         t_encode = time.perf_counter() - start
@@ -401,7 +403,7 @@ def run_fresh(b: Bench, root: Path, cache: Path, cap=None, log: Path | None = No
     if log is not None:
         env["TORCH_LOGS"] = "recompiles"
     cmd = [sys.executable, __file__, "--fresh", "--root", str(root)] + (["--tiny"] if b.tiny else []) + \
-          (["--cap", str(cap)] if cap else [])
+          (["--cap", str(cap)] if cap else []) + ["--scope", b.scope]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if log is not None:
         log.write_text(done.stderr)
@@ -452,6 +454,8 @@ def main(argv=None) -> int:
                    help="comma-separated parts to skip: fresh,calls,layout,anagram,candidates,plain,cap,profile")
     p.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cap", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--scope", choices=COMPILE_SCOPES, default=COMPILE_SCOPE,
+                   help=f"what mirage compiles: whole blocks or only their elementwise work (default {COMPILE_SCOPE})")
     args = p.parse_args(argv)
     args.root = args.root or Path(tempfile.mkdtemp(prefix="mirage-if-bench-"))
     if args.fresh:
@@ -463,8 +467,9 @@ def main(argv=None) -> int:
     os.environ["MIRAGE_CACHE"] = str(cache)
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     print(f"mirage IF benchmark ({b.arch.name} models, {torch.cuda.get_device_name() if not b.tiny else 'CPU'}, "
-          f"torch {torch.__version__}; 'mirage --compile': compiled blocks ({COMPILE_MODE}) + CUDA graphs; 'mirage "
-          f"default': the CLI without --compile, CUDA graphs over eager kernels)",
+          f"torch {torch.__version__}; 'mirage --compile', mirage's default on a GPU: compile scope {args.scope} "
+          f"({COMPILE_MODE}) + CUDA graphs; 'mirage default (graphs, eager)': --no-compile, CUDA graphs over eager "
+          f"kernels)",
           flush=True)
     seconds, (s1, s2) = b.wall(lambda: if_arch.build(args.root, b.arch, b.device))
     b.note("build_s", seconds, f"built (or found) random weights in {args.root}: {seconds:.1f} s")
@@ -490,6 +495,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         one = load_stage(str(s1), b.device, b.dtype)  # mirage's default: compile=None (auto)
         two = load_stage(str(s2), b.device, b.dtype, text_encoder_from=str(s1))
+        one.compile_scope = two.compile_scope = args.scope
         seconds, _ = b.wall(lambda: one.encode(PROMPTS + [""]))
         b.note("t5_s", seconds, f"T5 load + encode 3 prompts + free: {seconds:.2f} s")
         for name, stage in (("I", one), ("II", two)):

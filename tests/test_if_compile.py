@@ -1,6 +1,7 @@
 """Regional compilation of IF's UNets (runtime.compile_regions), on the tiny IF on a CPU: compiled and eager
-calls agree to fp32 rounding, one compiled graph serves other widths and batch sizes, the compiled code is cached
-under mirage's cache folder, and the plans that stay eager are honoured and reported."""
+calls agree to fp32 rounding in either scope (whole blocks, or fused.py's elementwise work), one compiled graph
+serves other widths and batch sizes, the compiled code is cached under mirage's cache folder, and the plans that
+stay eager are honoured and reported."""
 from __future__ import annotations
 
 import os
@@ -44,11 +45,11 @@ def _calls(stage, batches=(2, 3), seed=0):
     return out
 
 
-def _agree(stage, backend: str, layout=None, atol=1e-5):
+def _agree(stage, backend: str, layout=None, atol=1e-5, scope="blocks"):
     calls = _calls(stage)
     with torch.inference_mode():
         eager = [stage(*c) for c in calls]
-        n = compile_regions(stage.unet(), COMPILE_MODE, backend=backend, layout=layout)
+        n = compile_regions(stage.unet(), COMPILE_MODE, backend=backend, layout=layout, scope=scope)
         try:
             compiled = [stage(*c) for c in calls]
         finally:

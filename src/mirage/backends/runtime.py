@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mirage.backends import hub, memory
+from mirage.backends import fused, hub, memory
 from mirage.backends.base import Placed
 from mirage.backends.prompts import default_cache_dir
 from mirage.engine.denoiser import Cond, space_shape
@@ -41,6 +41,10 @@ from mirage.engine.denoiser import Cond, space_shape
 # earlier way, took 70-130 s for each new batch shape (bench/if_gpu_h100.log).
 COMPILE_MODE = "default"
 COMPILE_BACKEND = "inductor"
+# What is compiled: "blocks", each resnet and attention block whole; "fused", only the elementwise work around
+# the convolutions and attention (fused.py: a few graphs with every size symbolic).
+COMPILE_SCOPES = ("blocks", "fused")
+COMPILE_SCOPE = "blocks"
 
 # Dynamo's settings while a block is traced: only the dimensions marked dynamic (the batch) are symbolic, and
 # there is room for every kind and width of block (resnets plain, with a shortcut, up, down; attentions).
@@ -76,6 +80,7 @@ class UNetRuntime(Placed):
         self.compile = None if compile is False else COMPILE_MODE
         self.execution: str | None = None  # what the loaded UNet runs as, e.g. "compiled blocks + CUDA graphs"
         self.compiled = False  # whether the loaded UNet's blocks are compiled
+        self.compile_scope = COMPILE_SCOPE  # read when the UNet loads
         self.first_call_seconds = 0.0  # first calls of new input shapes: compiling blocks, capturing graphs
         self._noted: set[str] = set()
 
@@ -111,12 +116,13 @@ class UNetRuntime(Placed):
         why_eager = self._why_eager(plan, device)
         self.compiled = why_eager is None
         if self.compiled:
-            compile_regions(unet, self.compile, layout=_layout(unet))
+            compile_regions(unet, self.compile, layout=_layout(unet), scope=self.compile_scope)
         else:
             uncompile_regions(unet)
         if graphs:
             self._graphs = _Graphs(unet, self._first_call_took)
-        self.execution = ("compiled blocks" if self.compiled else f"eager ({why_eager})") + \
+        compiled = "compiled blocks" if self.compile_scope == "blocks" else "compiled elementwise work"
+        self.execution = (compiled if self.compiled else f"eager ({why_eager})") + \
             (" + CUDA graphs" if graphs else "")
         if self.execution not in self._noted:
             self._noted.add(self.execution)
@@ -294,14 +300,21 @@ def _run_region(forward, layout: torch.memory_format | None, module, x, *args, *
 
 
 def compile_regions(unet, mode: str | None = COMPILE_MODE, backend: str | None = None,
-                    layout: torch.memory_format | None = None) -> int:
-    """Compile a diffusers UNet's resnet and attention blocks in place (regional compilation); returns how many.
+                    layout: torch.memory_format | None = None, scope: str = COMPILE_SCOPE) -> int:
+    """Compile a diffusers UNet's resnet and attention blocks in place (regional compilation); returns how many
+    modules now run compiled code.
 
-    Each block's forward becomes its class's compiled forward (`_compiled_forward`); inputs are brought to
-    `layout` first. Nothing is compiled until a block runs. `uncompile_regions` undoes it."""
+    Scope "blocks": each block's forward becomes its class's compiled forward (`_compiled_forward`); inputs are
+    brought to `layout` first. Scope "fused": the resnets' and group norms' elementwise work runs as fused.py's
+    compiled functions (`mode` and `layout` do not apply). Nothing is compiled until a block runs.
+    `uncompile_regions` undoes it."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope {scope!r}: one of {', '.join(COMPILE_SCOPES)}")
     backend = backend or COMPILE_BACKEND
     if backend == "inductor":  # read by inductor whenever it caches (its Triton kernels go in a subfolder)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
+    if scope == "fused":
+        return fused.fuse(unet, _region_classes()[0], backend)
     classes, count = _region_classes(), 0
     for block in unet.modules():
         if isinstance(block, classes):

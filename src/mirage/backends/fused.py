@@ -1,0 +1,155 @@
+"""Compilation's fused scope: only the UNet's elementwise work is compiled, the convolutions, matrix products
+and attention stay eager (cuDNN's, cuBLAS's, SDPA's).
+
+A diffusers UNet spends much of its time outside its convolutions: each group norm, activation, time-embedding
+scale-shift and residual sum reads and writes the whole activation (40 % of IF stage I's GPU time eagerly,
+bench/if_profile_h100.log). Here those run as a few compiled functions with every size symbolic, each called by
+every block of every width, resolution and batch: a resnet's norm, shift and activation become one kernel, its
+residual sum another. So there is little to compile (a few graphs for a whole UNet, where compiling whole
+blocks makes one per kind and width), at the price of the fusions across a convolution's edges that compiled
+blocks get.
+
+`fuse` replaces the forwards of a UNet's resnet blocks (with `resnet_forward`, the same computation as
+diffusers' ResnetBlock2D.forward at inference) and of its other group norms; removing the instance attribute
+`forward` undoes it. Blocks this does not cover (training, an activation other than SiLU/GELU/Mish, norms that
+are not affine group norms) keep their own forward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ACTIVATIONS = {"silu": F.silu, "mish": F.mish, "gelu": F.gelu,
+                "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), None: lambda x: x}
+
+
+def _activation_name(module: nn.Module) -> str | None | bool:
+    """The name of `module`'s activation in _ACTIVATIONS; False where it has none of those."""
+    if isinstance(module, nn.SiLU):
+        return "silu"
+    if isinstance(module, nn.Mish):
+        return "mish"
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    return False
+
+
+def _like(y: Tensor, x: Tensor, channels_inner: bool) -> Tensor:
+    # the output in the input's layout: channels innermost stays so (NHWC, or attention's transposed tokens), so
+    # that the next convolution or projection gets what it expects without a copy
+    return y.movedim(1, -1).contiguous().movedim(-1, 1) if channels_inner else y
+
+
+def norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, act: str | None,
+             channels_inner: bool) -> Tensor:
+    """act(group_norm(x))."""
+    return _like(_ACTIVATIONS[act](F.group_norm(x, groups, weight, bias, eps)), x, channels_inner)
+
+
+def add_norm_act(x: Tensor, temb: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
+                 act: str | None, channels_inner: bool) -> Tensor:
+    """act(group_norm(x + temb)): a resnet's time embedding added before its second norm."""
+    return _like(_ACTIVATIONS[act](F.group_norm(x + temb, groups, weight, bias, eps)), x, channels_inner)
+
+
+def scale_shift_norm_act(x: Tensor, temb: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
+                         act: str | None, channels_inner: bool) -> Tensor:
+    """act(group_norm(x) * (1 + scale) + shift), scale and shift the two halves of the time embedding."""
+    scale, shift = temb.chunk(2, dim=1)
+    y = F.group_norm(x, groups, weight, bias, eps) * (1 + scale) + shift
+    return _like(_ACTIVATIONS[act](y), x, channels_inner)
+
+
+def residual(x: Tensor, h: Tensor, factor: float, channels_inner: bool) -> Tensor:
+    """(x + h) / factor."""
+    return _like((x + h) / factor, h, channels_inner)
+
+
+_FUNCTIONS = dict(norm_act=norm_act, add_norm_act=add_norm_act, scale_shift_norm_act=scale_shift_norm_act,
+                  residual=residual)
+
+
+# The norms' weights are parameters, whose sizes dynamo would hold static (and with them the channels)
+_DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False)
+
+
+def _symbolic(fn):
+    @functools.wraps(fn)
+    def call(*args):
+        with torch._dynamo.config.patch(**_DYNAMO_SETTINGS):
+            return fn(*args)
+    return call
+
+
+@functools.cache
+def compiled(backend: str) -> dict:
+    """The functions above compiled by `backend`, every size symbolic (batch, channels, height, width): one
+    graph each serves every block (dynamo still specializes sizes 0 and 1, the rank, and each flag's value)."""
+    return {name: _symbolic(torch.compile(fn, dynamic=True, backend=backend)) for name, fn in _FUNCTIONS.items()}
+
+
+def _channels_inner(x: Tensor) -> bool:
+    return x.dim() > 2 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _norm_args(norm: nn.GroupNorm) -> tuple:
+    return norm.weight, norm.bias, norm.num_groups, norm.eps
+
+
+def fusable_norm(norm) -> bool:
+    return isinstance(norm, nn.GroupNorm) and norm.affine
+
+
+def fusable_resnet(block: nn.Module) -> bool:
+    """Whether `resnet_forward` computes what `block` (a diffusers ResnetBlock2D) does."""
+    return (not block.training and fusable_norm(block.norm1) and fusable_norm(block.norm2)
+            and _activation_name(block.nonlinearity) is not False
+            and block.time_embedding_norm in ("default", "scale_shift"))
+
+
+def resnet_forward(fns: dict, block: nn.Module, x: Tensor, temb: Tensor | None) -> Tensor:
+    """diffusers' ResnetBlock2D.forward at inference, its elementwise work by the compiled `fns`."""
+    act, inner = _activation_name(block.nonlinearity), _channels_inner(x)
+    h = fns["norm_act"](x, *_norm_args(block.norm1), act, inner)
+    resample = block.upsample or block.downsample
+    if resample is not None:
+        if block.upsample is not None and h.shape[0] >= 64:  # as diffusers: nearest upsampling fails in NHWC
+            x, h = x.contiguous(), h.contiguous()
+        x, h = resample(x), resample(h)
+    h = block.conv1(h)
+    if block.time_emb_proj is not None and temb is not None:
+        temb = block.time_emb_proj(temb if block.skip_time_act else block.nonlinearity(temb))[:, :, None, None]
+    if block.time_embedding_norm == "scale_shift":
+        h = fns["scale_shift_norm_act"](h, temb, *_norm_args(block.norm2), act, inner)
+    elif temb is not None:
+        h = fns["add_norm_act"](h, temb, *_norm_args(block.norm2), act, inner)
+    else:
+        h = fns["norm_act"](h, *_norm_args(block.norm2), act, inner)
+    h = block.conv2(h)  # dropout is the identity at inference
+    if block.conv_shortcut is not None:
+        x = block.conv_shortcut(x)
+    return fns["residual"](x, h, float(block.output_scale_factor), _channels_inner(h))
+
+
+def norm_forward(fns: dict, norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    return fns["norm_act"](x, *_norm_args(norm), None, _channels_inner(x))
+
+
+def fuse(unet: nn.Module, resnet_class: type, backend: str) -> int:
+    """Run `unet`'s resnet blocks (instances of `resnet_class`) and its other group norms through the compiled
+    functions, in place; returns how many modules now do."""
+    fns, count = compiled(backend), 0
+    inside = set()
+    for block in unet.modules():
+        if isinstance(block, resnet_class) and fusable_resnet(block):
+            block.forward = functools.partial(resnet_forward, fns, block)
+            inside.update((id(block.norm1), id(block.norm2)))
+            count += 1
+    for norm in unet.modules():
+        if fusable_norm(norm) and id(norm) not in inside:
+            norm.forward = functools.partial(norm_forward, fns, norm)
+            count += 1
+    return count

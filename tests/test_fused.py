@@ -1,0 +1,127 @@
+"""Compilation's fused scope (fused.py): the resnets' and group norms' elementwise work compiled with every size
+symbolic. Its resnet forward computes what diffusers' does, keeps the input's layout, serves every width and
+batch size of both IF stages with a few graphs (fewer than compiling whole blocks), and leaves alone the blocks
+it does not cover."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+from test_if_compile import _agree, _calls, _unique_graphs
+import tiny_sd
+
+from mirage.backends import fused
+from mirage.backends.runtime import compile_regions, uncompile_regions
+
+
+def test_fused_scope_agrees_with_eager_on_both_if_stages(stages):
+    """Stage I in NHWC (as on a GPU), stage II in NCHW, two batch sizes, traced by dynamo (aot_eager)."""
+    one, two = stages
+    _agree(one, "aot_eager", torch.channels_last, scope="fused")
+    _agree(two, "aot_eager", scope="fused")
+
+
+def _graphs_for(stages, scope: str, batches) -> int:
+    """New dynamo graphs while both stages run at `batches` with `scope`."""
+    torch._dynamo.reset()  # nothing compiled before counts
+    before = _unique_graphs()
+    with torch.inference_mode():
+        for stage in stages:
+            compile_regions(stage.unet(), backend="aot_eager", scope=scope)
+            try:
+                for call in _calls(stage, batches):
+                    stage(*call)
+            finally:
+                uncompile_regions(stage.unet())
+    return _unique_graphs() - before
+
+
+def test_fused_scope_serves_every_width_and_batch_with_fewer_graphs_than_blocks(stages):
+    fused_graphs = _graphs_for(stages, "fused", (2, 3))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        for stage in stages:
+            compile_regions(stage.unet(), backend="aot_eager", scope="fused")
+            for call in _calls(stage, (2, 3)):
+                stage(*call)
+        before = _unique_graphs()
+        try:
+            for stage in stages:  # other batch sizes: nothing new to compile
+                for call in _calls(stage, (5, 7)):
+                    stage(*call)
+        finally:
+            for stage in stages:
+                uncompile_regions(stage.unet())
+    assert _unique_graphs() == before
+    blocks_graphs = _graphs_for(stages, "blocks", (2, 3))
+    print(f"graphs for both tiny stages: fused {fused_graphs}, blocks {blocks_graphs}")
+    assert fused_graphs < blocks_graphs
+
+
+def _resnets():
+    """Resnet blocks as Stable Diffusion and IF build them: SiLU or GELU, the time embedding added or as
+    scale-shift, with and without a shortcut and a down or up sampler."""
+    torch.manual_seed(0)
+    kw = dict(temb_channels=24, groups=8, eps=1e-6)
+    blocks = [ResnetBlock2D(in_channels=16, out_channels=16, **kw),
+              ResnetBlock2D(in_channels=16, out_channels=32, non_linearity="gelu", time_embedding_norm="scale_shift",
+                            **kw),
+              ResnetBlock2D(in_channels=16, out_channels=16, down=True, output_scale_factor=1.414, **kw),
+              ResnetBlock2D(in_channels=16, out_channels=32, up=True, skip_time_act=True, **kw),
+              ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=None, groups=8)]
+    for block in blocks:  # affine parameters away from their 1 and 0, so that a slip shows
+        for norm in (block.norm1, block.norm2):
+            torch.nn.init.normal_(norm.weight)
+            torch.nn.init.normal_(norm.bias)
+    return [block.eval() for block in blocks]
+
+
+def test_fused_resnet_forward_computes_diffusers_forward_and_keeps_the_layout():
+    fns = fused.compiled("aot_eager")
+    x, temb = torch.randn(3, 16, 8, 8), torch.randn(3, 24)
+    for block in _resnets():
+        assert fused.fusable_resnet(block)
+        emb = temb if block.time_emb_proj is not None else None
+        with torch.inference_mode():
+            want = block(x, emb)
+            for layout in (torch.contiguous_format, torch.channels_last):
+                got = fused.resnet_forward(fns, block, x.contiguous(memory_format=layout), emb)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                if block.upsample is None:  # nearest upsampling's own layout is diffusers' to choose
+                    assert got.is_contiguous(memory_format=layout)
+
+
+def test_fused_group_norm_keeps_attentions_transposed_tokens():
+    """Attention normalizes its (batch, tokens, channels) input transposed: the output keeps those strides."""
+    norm = torch.nn.GroupNorm(4, 16).eval()
+    tokens = torch.randn(2, 10, 16)
+    with torch.inference_mode():
+        got = fused.norm_forward(fused.compiled("aot_eager"), norm, tokens.transpose(1, 2))
+        torch.testing.assert_close(got, norm(tokens.transpose(1, 2)))
+    assert got.transpose(1, 2).is_contiguous()
+
+
+def test_fuse_covers_a_stable_diffusion_unet_and_leaves_what_it_cannot_compute():
+    torch.manual_seed(0)
+    unet = tiny_sd.unet()
+    odd = next(m for m in unet.modules() if isinstance(m, ResnetBlock2D))
+    odd.nonlinearity = torch.nn.ReLU()  # not one of the activations fused.py computes
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, tiny_sd.WIDTH)
+    with torch.inference_mode():
+        want = unet(x, t, encoder_hidden_states=text).sample
+        count = fused.fuse(unet, ResnetBlock2D, "aot_eager")
+        try:
+            got = unet(x, t, encoder_hidden_states=text).sample
+            assert "forward" not in odd.__dict__ and "forward" in odd.norm1.__dict__  # its norms alone
+            resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+            norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+            assert count == len(resnets) - 1 + len(norms) - 2 * (len(resnets) - 1)
+        finally:
+            uncompile_regions(unet)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_an_unknown_scope_is_refused(stages):
+    with pytest.raises(ValueError, match="one of blocks, fused"):
+        compile_regions(stages[0].unet(), backend="aot_eager", scope="everything")
