@@ -66,7 +66,6 @@ PEAK = 790e12  # dense fp16 FLOP/s of large matrix products on an H200 (KINDS.md
 class Bench:
     def __init__(self, args):
         self.tiny = args.tiny
-        self.scope = args.scope
         self.device = torch.device("cpu" if args.tiny else "cuda")
         self.dtype = torch.float32 if args.tiny else torch.float16
         self.arch = if_arch.TINY if args.tiny else if_arch.PUBLISHED
@@ -396,14 +395,14 @@ def _unique_graphs() -> int:
         return -1
 
 
-def run_fresh(b: Bench, root: Path, cache: Path, cap=None, log: Path | None = None) -> dict:
+def run_fresh(b: Bench, root: Path, cache: Path, scope: str, cap=None, log: Path | None = None) -> dict:
     """A fresh process (fresh()) with MIRAGE_CACHE=cache; its stderr, with dynamo's recompile log, goes to log."""
     env = dict(os.environ, MIRAGE_CACHE=str(cache))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # mirage places it, under MIRAGE_CACHE
     if log is not None:
         env["TORCH_LOGS"] = "recompiles"
     cmd = [sys.executable, __file__, "--fresh", "--root", str(root)] + (["--tiny"] if b.tiny else []) + \
-          (["--cap", str(cap)] if cap else []) + ["--scope", b.scope]
+          (["--cap", str(cap)] if cap else []) + ["--scope", scope]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if log is not None:
         log.write_text(done.stderr)
@@ -477,7 +476,7 @@ def main(argv=None) -> int:
     def fresh_runs(plan):
         for label, cap in plan:
             log = args.root / "fresh-cold.err" if label.startswith("cold") else None
-            run = run_fresh(b, args.root, cache, cap, log)
+            run = run_fresh(b, args.root, cache, args.scope, cap, log)
             run["label"] = label
             r.setdefault("pipeline", []).append(run)
             print(fresh_text(label, run), flush=True)

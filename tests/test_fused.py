@@ -10,8 +10,11 @@ from diffusers.models.resnet import ResnetBlock2D
 from test_if_compile import _agree, _calls, _unique_graphs
 import tiny_sd
 
+from mirage.app.main import build_parser, main
+from mirage.app.settings import resolve
 from mirage.backends import fused
-from mirage.backends.runtime import compile_regions, uncompile_regions
+from mirage.backends.load import load_model
+from mirage.backends.runtime import COMPILE_SCOPE, compile_regions, uncompile_regions
 
 
 def test_fused_scope_agrees_with_eager_on_both_if_stages(stages):
@@ -125,3 +128,23 @@ def test_fuse_covers_a_stable_diffusion_unet_and_leaves_what_it_cannot_compute()
 def test_an_unknown_scope_is_refused(stages):
     with pytest.raises(ValueError, match="one of blocks, fused"):
         compile_regions(stages[0].unet(), backend="aot_eager", scope="everything")
+
+
+def test_the_cli_chooses_the_scope_and_refuses_it_without_compile(stages, tiny_if_models, capsys):
+    ref = str(tiny_if_models.stage_1)
+
+    def settings(*extra):
+        argv = ["sample", "--model", ref, "--prompt", "a cat", *extra]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return resolve(args, "sample")
+
+    assert settings().compile is False
+    assert settings("--compile").compile == COMPILE_SCOPE == "blocks"
+    chosen = settings("--compile", "--compile-scope", "fused").compile
+    assert load_model(ref, torch.device("cpu"), compile=chosen).compile_scope == "fused"
+    assert load_model(ref, torch.device("cpu"), compile=True).compile_scope == "blocks"
+    assert main(["sample", "--model", ref, "--prompt", "a cat", "--compile-scope", "fused"]) == 2
+    assert "add --compile" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="one of blocks, fused"):
+        load_model(ref, torch.device("cpu"), compile="everything")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from mirage.app.defaults import X4_RECIPE
+from mirage.backends.runtime import COMPILE_SCOPES
 from mirage.errors import UsageError
 
 
@@ -99,6 +100,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="IF with its UNet resident on a GPU: compile the UNets' repeated blocks (measured on an "
                         "H200: a 2-view 64->256 anagram in 2.1 s; the first process spends about 4 minutes "
                         "compiling, later ones about 45 s, as the compiled code is cached)")
+    g.add_argument("--compile-scope", choices=COMPILE_SCOPES,
+                   help="with --compile: blocks (default), each block compiled whole, or fused, only the "
+                        "elementwise work (measured on an H100: starts in 39 s, 16 s cached, runs a 2-view "
+                        "anagram in 3.0 s against blocks' 2.1 s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     g.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-7,12 (overrides --seed/--n)")

@@ -13,6 +13,7 @@ from mirage.backends.deepfloyd import SCHEDULES, named_timesteps
 from mirage.backends.load import is_sd, is_small, resolve_device
 from mirage.backends.schedulers import Scheduler, check_name
 from mirage.backends.memory import check_plan
+from mirage.backends.runtime import COMPILE_SCOPE
 from mirage.engine.guide import Guide, check_strength
 from mirage.quality.clip import DEFAULT_CLIP
 from mirage.engine.sample import Sampling, validate
@@ -27,7 +28,7 @@ class Settings:
     model: str
     device: str
     memory: str
-    compile: bool
+    compile: bool | str  # False, or the compile scope
     steps: int  # the task's default where --steps was not given
     spacing: str  # "diffusers": --steps spaced as diffusers does; "strided": the course's strided list
     guidance: float
@@ -162,6 +163,9 @@ def resolve(args, task: str) -> Settings:
     if args.classifier_guidance is not None:
         check_strength(args.classifier_guidance)
     resolve_device(args.device)  # a device this machine lacks is refused before anything loads
+    if args.compile_scope and not args.compile:
+        raise UsageError(f"--compile-scope {args.compile_scope} chooses what --compile compiles: add --compile")
+    compile = (args.compile_scope or COMPILE_SCOPE) if args.compile else False
     check_plan(args.memory)  # for every model: a built-in one must not take a plan it ignores silently
     if not 0 <= args.eta <= 1:  # also rejects NaN
         raise UsageError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
@@ -176,7 +180,7 @@ def resolve(args, task: str) -> Settings:
     steps3, guidance3, noise3 = (getattr(args, f"{k}3", X4_RECIPE[k]) for k in ("steps", "guidance", "noise_level"))
     validate(steps=steps3, guidance=guidance3)
     spacing = defaults["spacing"] if args.steps is None else "diffusers"
-    return Settings(task=task, model=args.model, device=args.device, memory=args.memory, compile=args.compile,
+    return Settings(task=task, model=args.model, device=args.device, memory=args.memory, compile=compile,
                     steps=steps, spacing=spacing, guidance=guidance, guidance_interval=interval,
                     sampler=args.sampler, eta=args.eta, classifier_guidance=args.classifier_guidance,
                     pick=getattr(args, "pick", "none"), tries=tries, default_tries=defaults["tries"],

@@ -38,7 +38,7 @@ def named_timesteps(name: str, schedule: Schedule) -> tuple[int, ...]:
 
 def load_stage(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                memory: str = "auto", text_encoder_from: str | None = None, cache_dir: str | Path | None = None,
-               compile: bool | None = None):
+               compile: bool | str | None = None):
     """IFStage or IFUpscaler, whichever `ref` is: stage II's UNet takes more channels than it denoises
     (the upscaled low-res image is concatenated to its input). `compile`: None (auto) compiles where the
     UNet is resident on a GPU; True also under offload; False never (see IFStage)."""
@@ -63,7 +63,7 @@ class IFStage(UNetRuntime):
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto",
-                 compile: bool | None = None):
+                 compile: bool | str | None = None):
         self._device = torch.device(device)
         self._dtype = dtype or hub.default_dtype(self._device)
         self.ref = ref
@@ -103,7 +103,7 @@ class IFUpscaler(IFStage):
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  text_encoder: str | None = None, cache_dir: str | Path | None = None, memory: str = "auto",
-                 compile: bool | None = None):
+                 compile: bool | str | None = None):
         super().__init__(ref, device, dtype, text_encoder, cache_dir, memory, compile)
         folder = hub.resolve(ref, (hub.NOISING,), self._dtype)
         self.noising = Schedule.from_config(hub.read_config(folder, hub.NOISING))

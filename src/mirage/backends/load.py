@@ -54,8 +54,9 @@ def is_sd(ref: str) -> bool:
     return not is_small(ref) and sd.kind_of(ref) is not None
 
 
-def load_model(ref: str, device: torch.device, memory: str = "auto", compile: bool = False) -> Denoiser:
-    """The stage-I (or only) model `ref` names; `compile` applies to IF's and SD's UNets on a GPU."""
+def load_model(ref: str, device: torch.device, memory: str = "auto", compile: bool | str = False) -> Denoiser:
+    """The stage-I (or only) model `ref` names; `compile` (False, or the compile scope) applies to IF's and SD's
+    UNets on a GPU."""
     if is_small(ref):
         return (load_builtin(ref) if ref in BUILTIN else load_small(Path(ref))).to(device)
     check_not_pickle(ref)
@@ -64,7 +65,8 @@ def load_model(ref: str, device: torch.device, memory: str = "auto", compile: bo
     return load_stage(ref, device=device, memory=memory, compile=compile)
 
 
-def load_stage3(ref: str | None, device: torch.device, memory: str = "auto", compile: bool = False) -> Denoiser | None:
+def load_stage3(ref: str | None, device: torch.device, memory: str = "auto",
+                compile: bool | str = False) -> Denoiser | None:
     """IF's third stage: the x4 upscaler (`none`: no third stage)."""
     if ref in (None, "none"):
         return None
@@ -76,7 +78,7 @@ def load_stage3(ref: str | None, device: torch.device, memory: str = "auto", com
 
 
 def load_upscaler(ref: str | None, stage1_ref: str, device: torch.device, memory: str = "auto",
-                  compile: bool = False) -> Denoiser | None:
+                  compile: bool | str = False) -> Denoiser | None:
     """The super-resolution stage: `auto` is IF-II-L after an IF model and none after a small one."""
     if ref in (None, "none") or (ref == "auto" and (is_small(stage1_ref) or is_sd(stage1_ref))):
         return None

@@ -42,7 +42,12 @@ from mirage.engine.denoiser import Cond, space_shape
 COMPILE_MODE = "default"
 COMPILE_BACKEND = "inductor"
 # What is compiled: "blocks", each resnet and attention block whole; "fused", only the elementwise work around
-# the convolutions and attention (fused.py: a few graphs with every size symbolic).
+# the convolutions and attention (fused.py: a few graphs with every size symbolic). The trade, measured on one
+# H100 in one run (bench/if_gpu_fused_h100.log, bench/if_gpu_blocks_h100.log): "fused" starts a fresh process in
+# 39 s on an empty cache and 16 s on a warm one (10 graphs) but runs stage I at 32.9 ms a step (batch 4) and
+# stage II at 64.1 ms, little better than eager's 41.8 and 65.7; "blocks" runs them at 25.4 and 41.1 ms, so a
+# 2-view anagram takes 2.08 s against fused's 2.99 s. Speed is what a session of many images pays for, so
+# "blocks" stays the default and "fused" is for one-off runs.
 COMPILE_SCOPES = ("blocks", "fused")
 COMPILE_SCOPE = "blocks"
 
@@ -58,7 +63,8 @@ class UNetRuntime(Placed):
 
     `compile` (regional compilation of the UNet's blocks, under the CUDA graphs): None compiles where the whole
     UNet is resident on a GPU (plan gpu) and runs eagerly under offload and blocks; True compiles under offload
-    too; False never compiles. Nothing is compiled off a GPU, nor under blocks, whose streaming hooks compiled
+    too; False never compiles; a scope name (COMPILE_SCOPES) is True with that scope, True takes COMPILE_SCOPE.
+    Nothing is compiled off a GPU, nor under blocks, whose streaming hooks compiled
     code would not run. `execution` says what the loaded UNet runs as. `channels_last`: the resident weights
     and inputs laid out NHWC (a measured per-model choice).
     """
@@ -66,8 +72,10 @@ class UNetRuntime(Placed):
     ref: str
     folder: Path
 
-    def _init_runtime(self, memory_plan: str, compile: bool | None, channels_last: bool) -> None:
+    def _init_runtime(self, memory_plan: str, compile: bool | str | None, channels_last: bool) -> None:
         memory.check_plan(memory_plan)
+        if isinstance(compile, str):
+            check_scope(compile)
         self.memory = memory_plan
         self.plan: memory.Plan | None = None
         self._unet = None
@@ -75,12 +83,12 @@ class UNetRuntime(Placed):
         self._offloaded = None  # under offload: the UNet, its weights in RAM while the model is freed
         self.channels_last = channels_last
         self.use_graphs = True  # capture CUDA graphs when the whole UNet is on a GPU
-        self.compile_request = compile  # None: auto; True / False: forced on / off
+        self.compile_request = compile if not isinstance(compile, str) else True  # None: auto; True / False
         # torch.compile's mode where the UNet runs compiled (decided per plan as it loads); None: never compiled
         self.compile = None if compile is False else COMPILE_MODE
         self.execution: str | None = None  # what the loaded UNet runs as, e.g. "compiled blocks + CUDA graphs"
         self.compiled = False  # whether the loaded UNet's blocks are compiled
-        self.compile_scope = COMPILE_SCOPE  # read when the UNet loads
+        self.compile_scope = compile if isinstance(compile, str) else COMPILE_SCOPE  # read when the UNet loads
         self.first_call_seconds = 0.0  # first calls of new input shapes: compiling blocks, capturing graphs
         self._noted: set[str] = set()
 
@@ -299,6 +307,11 @@ def _run_region(forward, layout: torch.memory_format | None, module, x, *args, *
         return forward(module, x, *args, **kwargs)
 
 
+def check_scope(scope: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope {scope!r}: one of {', '.join(COMPILE_SCOPES)}")
+
+
 def compile_regions(unet, mode: str | None = COMPILE_MODE, backend: str | None = None,
                     layout: torch.memory_format | None = None, scope: str = COMPILE_SCOPE) -> int:
     """Compile a diffusers UNet's resnet and attention blocks in place (regional compilation); returns how many
@@ -308,8 +321,7 @@ def compile_regions(unet, mode: str | None = COMPILE_MODE, backend: str | None =
     brought to `layout` first. Scope "fused": the resnets' and group norms' elementwise work runs as fused.py's
     compiled functions (`mode` and `layout` do not apply). Nothing is compiled until a block runs.
     `uncompile_regions` undoes it."""
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"unknown compile scope {scope!r}: one of {', '.join(COMPILE_SCOPES)}")
+    check_scope(scope)
     backend = backend or COMPILE_BACKEND
     if backend == "inductor":  # read by inductor whenever it caches (its Triton kernels go in a subfolder)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())

@@ -52,7 +52,7 @@ def kind_of(ref: str) -> str | None:
 
 
 def load_sd(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-            size: int | None = None, memory: str = "auto", compile: bool | None = False,
+            size: int | None = None, memory: str = "auto", compile: bool | str | None = False,
             cache_dir: str | Path | None = None):
     """StableDiffusion or SDUpscaler, whichever `ref` is."""
     cls = SDUpscaler if kind_of(ref) == "upscale" else StableDiffusion
@@ -71,7 +71,7 @@ class StableDiffusion(UNetRuntime):
     parts = PARTS
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 size: int | None = None, memory: str = "auto", compile: bool | None = False,
+                 size: int | None = None, memory: str = "auto", compile: bool | str | None = False,
                  cache_dir: str | Path | None = None):
         self._device = torch.device(device)
         self._dtype = dtype or hub.default_dtype(self._device)
@@ -185,7 +185,7 @@ class SDUpscaler(StableDiffusion):
     draws_condition_first = True  # StableDiffusionUpscalePipeline noises the image before drawing latents
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 size: int | None = None, memory: str = "auto", compile: bool | None = False,
+                 size: int | None = None, memory: str = "auto", compile: bool | str | None = False,
                  cache_dir: str | Path | None = None):
         import diffusers
 
