@@ -568,12 +568,13 @@ def main(argv=None) -> int:
               f"II {two.first_call_seconds:.1f} s (compile cache warm from the fresh processes)", flush=True)
 
     def layouts():
-        print("stage II's layout under mirage's compiled blocks + CUDA graphs (median of 10; eager NHWC was 30 % "
-              "slower on an H100, its group norms):", flush=True)
+        print(f"stage II's layout under mirage's compile scope {args.scope} + CUDA graphs (median of 10; eager NHWC "
+              f"was 30 % slower on an H100, its group norms):", flush=True)
         x, cond = unet_inputs(two, b.batches[0], e2)
         flops = count_flops(direct_call(two.unet(), x, cond, b.dtype, b.device))
         for channels_last in (False, True):
-            stage = two if not channels_last else load_stage(str(s2), b.device, b.dtype, text_encoder_from=str(s1))
+            stage = two if not channels_last else load_stage(str(s2), b.device, b.dtype, text_encoder_from=str(s1),
+                                                             compile=args.scope)
             stage.channels_last = channels_last  # read when the UNet loads
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
