@@ -48,8 +48,8 @@ COMPILE_BACKEND = "inductor"
 # stage II at 64.1 ms, little better than eager's 41.8 and 65.7; "blocks" runs them at 25.4 and 41.1 ms, so a
 # 2-view anagram takes 2.08 s against fused's 2.99 s. Beyond the 6.1 s an eager fresh process spends on its first
 # calls, fused compiles for 30.4 s cold and 9.1 s warm (bench/if_gpu_fresh_fused_h100.log; warm, dynamo's own
-# tracing is 4.0 s of it), and NHWC does not help its stage II (77.8 ms against NCHW's 64.0). Speed is what a session of many images pays for, so
-# "blocks" stays the default and "fused" is for one-off runs.
+# tracing is 4.0 s of it), and NHWC does not help its stage II (77.8 ms against NCHW's 64.0). Speed is what a
+# session of many images pays for, so "blocks" stays the default and "fused" is for one-off runs.
 COMPILE_SCOPES = ("blocks", "fused")
 COMPILE_SCOPE = "blocks"
 
