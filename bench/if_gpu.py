@@ -581,6 +581,9 @@ def main(argv=None) -> int:
                 stage.unet()
             measure_unet(b, "II", b.batches[0], f"mirage {layout_of(stage.unet())}", lambda: stage(x, 500, cond),
                          flops, first="compile + graphs")
+            if "profile" not in skip and not b.tiny:  # where each layout's time goes (no graphs)
+                profile_call(b, f"stage_II_{layout_of(stage.unet())}_{args.scope}",
+                             direct_call(stage.unet(), x, cond, b.dtype, b.device))
             if stage is not two:
                 stage.free()
 

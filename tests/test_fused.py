@@ -61,6 +61,32 @@ def test_fused_scope_serves_every_width_and_batch_with_fewer_graphs_than_blocks(
     assert fused_graphs < blocks_graphs
 
 
+def test_each_fused_graph_is_traced_and_compiled_once(stages):
+    """No trace restarts: a restart (a symbolic group count or eps specialized while tracing) compiles the graph
+    again, which doubled fused's compile time."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    graphs = _graphs_for(stages, "fused", (2, 3))
+    assert graphs > 0
+    assert counters["aot_autograd"]["total"] == graphs
+
+
+def test_attention_tokens_and_nhwc_maps_share_one_norm_graph():
+    """The compiled functions see [B, C, L]: a norm over attention's transposed tokens and one over an NHWC map,
+    of any widths, are one graph."""
+    torch._dynamo.reset()
+    fns, before = fused.compiled("aot_eager"), _unique_graphs()
+    with torch.inference_mode():
+        for width in (16, 32):
+            norm = torch.nn.GroupNorm(4, width).eval()
+            tokens = torch.randn(2, 20, width).transpose(1, 2)
+            image = torch.randn(3, width, 6, 5).contiguous(memory_format=torch.channels_last)
+            for x in (tokens, image):
+                torch.testing.assert_close(fused.norm_forward(fns, norm, x), norm(x))
+    assert _unique_graphs() - before == 1
+
+
 def _resnets():
     """Resnet blocks as Stable Diffusion and IF build them: SiLU or GELU, the time embedding added or as
     scale-shift, with and without a shortcut and a down or up sampler."""

@@ -63,8 +63,8 @@ def scale_shift_norm_act(x: Tensor, temb: Tensor, weight: Tensor, bias: Tensor, 
     return _like(_ACTIVATIONS[act](y), x, channels_inner)
 
 
-def residual(x: Tensor, h: Tensor, factor: float, channels_inner: bool) -> Tensor:
-    """(x + h) / factor."""
+def residual(h: Tensor, x: Tensor, factor: float, channels_inner: bool) -> Tensor:
+    """(x + h) / factor, in h's layout."""
     return _like((x + h) / factor, h, channels_inner)
 
 
@@ -72,8 +72,10 @@ _FUNCTIONS = dict(norm_act=norm_act, add_norm_act=add_norm_act, scale_shift_norm
                   residual=residual)
 
 
-# The norms' weights are parameters, whose sizes dynamo would hold static (and with them the channels)
-_DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False)
+# The norms' weights are parameters, whose sizes dynamo would hold static (and with them the channels). The
+# groups, eps and factors are constants of a model: made symbolic, as dynamic=True would, they are specialized
+# while tracing, and the trace restarts and compiles its graph again.
+_DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False, specialize_int=True, specialize_float=True)
 
 
 def _symbolic(fn):
@@ -89,6 +91,17 @@ def compiled(backend: str) -> dict:
     """The functions above compiled by `backend`, every size symbolic (batch, channels, height, width): one
     graph each serves every block (dynamo still specializes sizes 0 and 1, the rank, and each flag's value)."""
     return {name: _symbolic(torch.compile(fn, dynamic=True, backend=backend)) for name, fn in _FUNCTIONS.items()}
+
+
+def _tokens(t):
+    """[B, C, *spatial] as [B, C, L] (a view, in either layout): the compiled functions see one rank, so one graph
+    serves the resnets' maps, attention's tokens and the time embeddings."""
+    return t.flatten(2) if isinstance(t, Tensor) and t.dim() > 3 else t
+
+
+def _call(fn, x: Tensor, *args) -> Tensor:
+    """fn on `x` and `args` as tokens, its result in `x`'s shape."""
+    return fn(_tokens(x), *map(_tokens, args)).view(x.shape)
 
 
 def _channels_inner(x: Tensor) -> bool:
@@ -113,7 +126,7 @@ def fusable_resnet(block: nn.Module) -> bool:
 def resnet_forward(fns: dict, block: nn.Module, x: Tensor, temb: Tensor | None) -> Tensor:
     """diffusers' ResnetBlock2D.forward at inference, its elementwise work by the compiled `fns`."""
     act, inner = _activation_name(block.nonlinearity), _channels_inner(x)
-    h = fns["norm_act"](x, *_norm_args(block.norm1), act, inner)
+    h = _call(fns["norm_act"], x, *_norm_args(block.norm1), act, inner)
     resample = block.upsample or block.downsample
     if resample is not None:
         if block.upsample is not None and h.shape[0] >= 64:  # as diffusers: nearest upsampling fails in NHWC
@@ -123,19 +136,19 @@ def resnet_forward(fns: dict, block: nn.Module, x: Tensor, temb: Tensor | None) 
     if block.time_emb_proj is not None and temb is not None:
         temb = block.time_emb_proj(temb if block.skip_time_act else block.nonlinearity(temb))[:, :, None, None]
     if block.time_embedding_norm == "scale_shift":
-        h = fns["scale_shift_norm_act"](h, temb, *_norm_args(block.norm2), act, inner)
+        h = _call(fns["scale_shift_norm_act"], h, temb, *_norm_args(block.norm2), act, inner)
     elif temb is not None:
-        h = fns["add_norm_act"](h, temb, *_norm_args(block.norm2), act, inner)
+        h = _call(fns["add_norm_act"], h, temb, *_norm_args(block.norm2), act, inner)
     else:
-        h = fns["norm_act"](h, *_norm_args(block.norm2), act, inner)
+        h = _call(fns["norm_act"], h, *_norm_args(block.norm2), act, inner)
     h = block.conv2(h)  # dropout is the identity at inference
     if block.conv_shortcut is not None:
         x = block.conv_shortcut(x)
-    return fns["residual"](x, h, float(block.output_scale_factor), _channels_inner(h))
+    return _call(fns["residual"], h, x, float(block.output_scale_factor), _channels_inner(h))
 
 
 def norm_forward(fns: dict, norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    return fns["norm_act"](x, *_norm_args(norm), None, _channels_inner(x))
+    return _call(fns["norm_act"], x, *_norm_args(norm), None, _channels_inner(x))
 
 
 def fuse(unet: nn.Module, resnet_class: type, backend: str) -> int:
