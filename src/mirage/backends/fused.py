@@ -4,8 +4,8 @@ and attention stay eager (cuDNN's, cuBLAS's, SDPA's).
 A diffusers UNet spends much of its time outside its convolutions: each group norm, activation, time-embedding
 scale-shift and residual sum reads and writes the whole activation (40 % of IF stage I's GPU time eagerly,
 bench/if_profile_h100.log). Here those run as a few compiled functions with every size symbolic, each called by
-every block of every width, resolution and batch: a resnet's norm, shift and activation become one kernel, its
-residual sum another. So there is little to compile (a few graphs for a whole UNet, where compiling whole
+every block of every width, resolution and batch (on [B, C, L] views of its maps): a resnet's norm, shift and
+activation become one kernel, its residual sum another. So there is little to compile (a few graphs for a whole UNet, where compiling whole
 blocks makes one per kind and width), at the price of the fusions across a convolution's edges that compiled
 blocks get.
 
@@ -88,8 +88,8 @@ def _symbolic(fn):
 
 @functools.cache
 def compiled(backend: str) -> dict:
-    """The functions above compiled by `backend`, every size symbolic (batch, channels, height, width): one
-    graph each serves every block (dynamo still specializes sizes 0 and 1, the rank, and each flag's value)."""
+    """The functions above compiled by `backend`, every size symbolic (batch, channels, tokens): one graph each
+    serves every block (dynamo still specializes sizes 0 and 1, the strides' order, and each flag's value)."""
     return {name: _symbolic(torch.compile(fn, dynamic=True, backend=backend)) for name, fn in _FUNCTIONS.items()}
 
 
