@@ -5,9 +5,9 @@ A diffusers UNet spends much of its time outside its convolutions: each group no
 scale-shift and residual sum reads and writes the whole activation (40 % of IF stage I's GPU time eagerly,
 bench/if_profile_h100.log). Here those run as a few compiled functions with every size symbolic, each called by
 every block of every width, resolution and batch (on [B, C, L] views of its maps): a resnet's norm, shift and
-activation become one kernel, its residual sum another. So there is little to compile (a few graphs for a whole UNet, where compiling whole
-blocks makes one per kind and width), at the price of the fusions across a convolution's edges that compiled
-blocks get.
+activation become one kernel, its residual sum another. So there is little to compile (a few graphs for a whole
+UNet, where compiling whole blocks makes one per kind and width), at the price of the fusions across a
+convolution's edges that compiled blocks get.
 
 `fuse` replaces the forwards of a UNet's resnet blocks (with `resnet_forward`, the same computation as
 diffusers' ResnetBlock2D.forward at inference) and of its other group norms; removing the instance attribute
