@@ -71,6 +71,17 @@ TINY = Arch(
     dict(_T5, vocab_size=128, d_model=32, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
     shard_bytes=20_000)
 
+# The published structure (blocks, layers, attention, activations) at narrow widths, for studies of compiling on
+# a CPU: what dynamo traces depends on the structure and on which sizes are 1 (TINY's 32 channels in 32 groups
+# are), not on the widths.
+NARROW = Arch(
+    "narrow",
+    dict(_STAGE_I, sample_size=16, block_out_channels=_widths(64, (1, 2, 3, 4)), cross_attention_dim=64,
+         encoder_hid_dim=32, attention_head_dim=16, addition_embed_type_num_heads=2),
+    dict(_STAGE_II, sample_size=32, block_out_channels=_widths(64, (1, 2, 4, 6, 8)), cross_attention_dim=64,
+         encoder_hid_dim=32, attention_head_dim=16, addition_embed_type_num_heads=2),
+    TINY.t5, shard_bytes=10**9)
+
 
 def _scheduler(sample_max_value: float | None):
     from diffusers import DDPMScheduler

@@ -23,6 +23,19 @@ def test_architectures_have_the_published_sizes(config, kind, published):
     assert abs(if_arch.parameters(config, kind) - published) / published < 0.005
 
 
+def test_the_narrow_architecture_is_the_published_structure_at_other_widths():
+    """bench/fused_compile.py's stand-in for the published UNets: what dynamo traces depends on everything but the
+    widths, which must leave more than one channel a group, as the published ones do."""
+    widths = {"sample_size", "block_out_channels", "cross_attention_dim", "encoder_hid_dim", "attention_head_dim",
+              "addition_embed_type_num_heads"}
+    for narrow, published in ((if_arch.NARROW.stage_1, if_arch.PUBLISHED.stage_1),
+                              (if_arch.NARROW.stage_2, if_arch.PUBLISHED.stage_2)):
+        assert narrow.keys() == published.keys()
+        assert {k: v for k, v in narrow.items() if k not in widths} == \
+            {k: v for k, v in published.items() if k not in widths}
+        assert min(narrow["block_out_channels"]) > narrow.get("norm_num_groups", 32)
+
+
 def test_tiny_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(BENCH / "if_gpu.py"), "--tiny", "--root", str(tmp_path / "models"),
