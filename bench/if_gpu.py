@@ -233,11 +233,13 @@ def unet_inputs(stage, batch: int, embeds: torch.Tensor, seed: int = 0):
 
 def direct_call(unet, x, cond, dtype, device):
     """The UNet module called as diffusers' pipelines and visual_anagrams call it (NCHW, no graphs)."""
-    inp = x if cond.image is None else torch.cat([x, cond.image], dim=1)
-    inp = inp.to(device, dtype)
-    if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not unet.conv_in.weight.is_contiguous():
-        inp = inp.contiguous(memory_format=torch.channels_last)
-    embeds, level, t = cond.embeds.to(device, dtype), cond.level, torch.tensor(500, device=device)
+    with torch.inference_mode():  # as the sampler makes them: other tensors are other graphs to compiled code
+        inp = x if cond.image is None else torch.cat([x, cond.image], dim=1)
+        inp = inp.to(device, dtype)
+        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and \
+                not unet.conv_in.weight.is_contiguous():
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        embeds, level, t = cond.embeds.to(device, dtype), cond.level, torch.tensor(500, device=device)
     return lambda: unet(inp, t, encoder_hidden_states=embeds, class_labels=level, return_dict=False)[0]
 
 

@@ -87,6 +87,19 @@ def test_attention_tokens_and_nhwc_maps_share_one_norm_graph():
     assert _unique_graphs() - before == 1
 
 
+def test_more_variants_than_dynamos_default_limit_all_run_compiled():
+    """Past recompile_limit (8) dynamo would run a function's further variants eagerly, saying nothing."""
+    torch._dynamo.reset()
+    fns, before = fused.compiled("aot_eager"), _unique_graphs()
+    norm = torch.nn.GroupNorm(4, 16).eval()
+    with torch.inference_mode():
+        for act in fused._ACTIVATIONS:  # 5 activations x 2 layouts: 10 graphs of norm_act
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(2, 16, 4, 4).contiguous(memory_format=layout)
+                fns["norm_act"](fused._tokens(x), *fused._norm_args(norm), act, layout == torch.channels_last)
+    assert _unique_graphs() - before == 10
+
+
 def _resnets():
     """Resnet blocks as Stable Diffusion and IF build them: SiLU or GELU, the time embedding added or as
     scale-shift, with and without a shortcut and a down or up sampler."""

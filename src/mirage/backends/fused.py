@@ -74,8 +74,10 @@ _FUNCTIONS = dict(norm_act=norm_act, add_norm_act=add_norm_act, scale_shift_norm
 
 # The norms' weights are parameters, whose sizes dynamo would hold static (and with them the channels). The
 # groups, eps and factors are constants of a model: made symbolic, as dynamic=True would, they are specialized
-# while tracing, and the trace restarts and compiles its graph again.
-_DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False, specialize_int=True, specialize_float=True)
+# while tracing, and the trace restarts and compiles its graph again. Past recompile_limit graphs of one function
+# dynamo would run the rest eagerly, unannounced: each layout, activation and grad mode is a graph, so room.
+_DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False, specialize_int=True, specialize_float=True,
+                        recompile_limit=64)
 
 
 def _symbolic(fn):
