@@ -103,7 +103,7 @@ def _tokens(t):
 
 def _call(fn, x: Tensor, *args) -> Tensor:
     """fn on `x` and `args` as tokens, its result in `x`'s shape."""
-    return fn(_tokens(x), *map(_tokens, args)).view(x.shape)
+    return fn(_tokens(x), *map(_tokens, args)).reshape(x.shape)  # a view, unless the layout forbids one
 
 
 def _channels_inner(x: Tensor) -> bool:

@@ -48,8 +48,9 @@ COMPILE_BACKEND = "inductor"
 # stage II at 64.1 ms, little better than eager's 41.8 and 65.7; "blocks" runs them at 25.4 and 41.1 ms, so a
 # 2-view anagram takes 2.08 s against fused's 2.99 s. Beyond what an eager fresh process spends on its first
 # calls, fused compiles for 34.5 s cold and 8.9 s warm (bench/if_gpu_fused_views_h100.log; dynamo 24.4 and 5.0 s
-# of it, down from 32.4 and 7.2 s the run before on that machine, bench/if_gpu_fused_before_h100.log; runs vary
-# by a few seconds: bench/if_gpu_fresh_fused_h100.log had 30.4 and 9.1), and NHWC does not help its stage II
+# of it, against 32.4 and 7.2 s with the earlier fused.py on that machine, bench/if_gpu_fused_before_h100.log;
+# runs vary by a few seconds: bench/if_gpu_fresh_fused_h100.log had 30.4 and 9.1), and NHWC does not help its
+# stage II
 # (77.8 ms against NCHW's 63.9). Speed is what a session of many images pays for, so "blocks" stays the default
 # and "fused" is for one-off runs.
 COMPILE_SCOPES = ("blocks", "fused")
