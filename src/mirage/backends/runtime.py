@@ -50,9 +50,8 @@ COMPILE_BACKEND = "inductor"
 # calls, fused compiles for 34.5 s cold and 8.9 s warm (bench/if_gpu_fused_views_h100.log; dynamo 24.4 and 5.0 s
 # of it, against 32.4 and 7.2 s with the earlier fused.py on that machine, bench/if_gpu_fused_before_h100.log;
 # runs vary by a few seconds: bench/if_gpu_fresh_fused_h100.log had 30.4 and 9.1), and NHWC does not help its
-# stage II
-# (77.8 ms against NCHW's 63.9). Speed is what a session of many images pays for, so "blocks" stays the default
-# and "fused" is for one-off runs.
+# stage II (77.8 ms against NCHW's 63.9). Speed is what a session of many images pays for, so "blocks" stays the
+# default and "fused" is for one-off runs.
 COMPILE_SCOPES = ("blocks", "fused")
 COMPILE_SCOPE = "blocks"
 
