@@ -22,24 +22,18 @@ from pathlib import Path
 import torch
 
 import if_arch
-from if_gpu import _compile_phases, _unique_graphs
+from if_gpu import _compile_phases, _unique_graphs, unet_inputs
 from mirage.backends.deepfloyd import load_stage
 from mirage.backends.runtime import compile_regions
-from mirage.engine.denoiser import Cond
 
 BATCHES = (4, 16)  # an anagram's CFG batch, then candidates'
 
 
 def _calls(stage, channels_last: bool):
-    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 77, if_arch.NARROW.stage_1["encoder_hid_dim"], generator=torch.Generator().manual_seed(0))
     for n in BATCHES:
-        x = torch.randn(n, 3, stage.size, stage.size, generator=g)
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        cond = Cond(embeds=torch.randn(n, 77, if_arch.NARROW.stage_1["encoder_hid_dim"], generator=g))
-        if stage.is_upscaler:
-            level = torch.full((n,), 250, dtype=torch.long)
-            cond = cond.with_image(torch.randn(n, 3, stage.size, stage.size, generator=g), level)
-        yield x, 500, cond
+        x, cond = unet_inputs(stage, n, embeds)
+        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), 500, cond
 
 
 def child(root: Path, eager: bool) -> None:
