@@ -477,6 +477,9 @@ def main(argv=None) -> int:
     p.add_argument("--scope", choices=COMPILE_SCOPES, default=COMPILE_SCOPE,
                    help=f"what mirage compiles: whole blocks or only their elementwise work (default {COMPILE_SCOPE})")
     args = p.parse_args(argv)
+    # past its recompile limit dynamo runs a function eagerly and says nothing: here that fails, so that no figure
+    # of compiled code is one of eager code (it happened to fused's stage II, bench/if_gpu_fused_views_h100.log)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     args.root = args.root or Path(tempfile.mkdtemp(prefix="mirage-if-bench-"))
     if args.fresh:
         return fresh(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from test_if_compile import _agree, _calls, _unique_graphs
 import tiny_sd
@@ -96,7 +97,7 @@ def test_more_variants_than_dynamos_default_limit_all_run_compiled():
         for act in fused._ACTIVATIONS:  # 5 activations x 2 layouts: 10 graphs of norm_act
             for layout in (torch.contiguous_format, torch.channels_last):
                 x = torch.randn(2, 16, 4, 4).contiguous(memory_format=layout)
-                fns["norm_act"](fused._tokens(x), *fused._norm_args(norm), act, layout == torch.channels_last)
+                fns["norm_act"](fused._tokens(x), None, *fused._norm_args(norm), act, layout == torch.channels_last)
     assert _unique_graphs() - before == 10
 
 
@@ -131,6 +132,30 @@ def test_fused_resnet_forward_computes_diffusers_forward_and_keeps_the_layout():
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
                 if block.upsample is None:  # nearest upsampling's own layout is diffusers' to choose
                     assert got.is_contiguous(memory_format=layout)
+
+
+def test_fused_resnets_convolve_without_bias_and_add_it_in_the_compiled_functions():
+    """PyTorch adds a cuDNN convolution's bias in a kernel of its own: the fused forward leaves it to the next
+    compiled function, whose kernel runs anyway."""
+    from torch.overrides import TorchFunctionMode
+
+    class Convolutions(TorchFunctionMode):
+        biases = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (F.conv2d, torch.conv2d):
+                self.biases.append((list(args) + [None] * 3)[2] if len(args) > 2 else (kwargs or {}).get("bias"))
+            return func(*args, **(kwargs or {}))
+
+    fns = fused.compiled("aot_eager")
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
+    for block in _resnets():
+        emb = temb if block.time_emb_proj is not None else None
+        with torch.inference_mode(), Convolutions() as mode:
+            fused.resnet_forward(fns, block, x, emb)
+        convs = 2 + (block.conv_shortcut is not None)
+        assert len(mode.biases) == convs and all(b is None for b in mode.biases), mode.biases
+        mode.biases.clear()
 
 
 def test_fused_group_norm_keeps_attentions_transposed_tokens():

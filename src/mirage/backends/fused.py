@@ -5,9 +5,10 @@ A diffusers UNet spends much of its time outside its convolutions: each group no
 scale-shift and residual sum reads and writes the whole activation (40 % of IF stage I's GPU time eagerly,
 bench/if_profile_h100.log). Here those run as a few compiled functions with every size symbolic, each called by
 every block of every width, resolution and batch (on [B, C, L] views of its maps): a resnet's norm, shift and
-activation become one kernel, its residual sum another. So there is little to compile (a few graphs for a whole
-UNet, where compiling whole blocks makes one per kind and width), at the price of the fusions across a
-convolution's edges that compiled blocks get.
+activation become one kernel, its residual sum another, each adding the bias of the convolution before it (which
+PyTorch would add in a kernel of its own). So there is little to compile (a few graphs for a whole UNet, where
+compiling whole blocks makes one per kind and width), at the price of the other fusions across a convolution's
+edges that compiled blocks get.
 
 `fuse` replaces the forwards of a UNet's resnet blocks (with `resnet_forward`, the same computation as
 diffusers' ResnetBlock2D.forward at inference) and of its other group norms; removing the instance attribute
@@ -43,33 +44,31 @@ def _like(y: Tensor, x: Tensor, channels_inner: bool) -> Tensor:
     return y.movedim(1, -1).contiguous().movedim(-1, 1) if channels_inner else y
 
 
-def norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, act: str | None,
-             channels_inner: bool) -> Tensor:
-    """act(group_norm(x))."""
-    return _like(_ACTIVATIONS[act](F.group_norm(x, groups, weight, bias, eps)), x, channels_inner)
+def _plus(x: Tensor, before: Tensor | None) -> Tensor:
+    return x if before is None else x + before
 
 
-def add_norm_act(x: Tensor, temb: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
-                 act: str | None, channels_inner: bool) -> Tensor:
-    """act(group_norm(x + temb)): a resnet's time embedding added before its second norm."""
-    return _like(_ACTIVATIONS[act](F.group_norm(x + temb, groups, weight, bias, eps)), x, channels_inner)
-
-
-def scale_shift_norm_act(x: Tensor, temb: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
-                         act: str | None, channels_inner: bool) -> Tensor:
-    """act(group_norm(x) * (1 + scale) + shift), scale and shift the two halves of the time embedding."""
-    scale, shift = temb.chunk(2, dim=1)
-    y = F.group_norm(x, groups, weight, bias, eps) * (1 + scale) + shift
+def norm_act(x: Tensor, before: Tensor | None, weight: Tensor, bias: Tensor, groups: int, eps: float,
+             act: str | None, channels_inner: bool) -> Tensor:
+    """act(group_norm(x + before)): `before` the previous convolution's bias (and a resnet's time embedding)."""
+    y = F.group_norm(_plus(x, before), groups, weight, bias, eps)
     return _like(_ACTIVATIONS[act](y), x, channels_inner)
 
 
-def residual(h: Tensor, x: Tensor, factor: float, channels_inner: bool) -> Tensor:
-    """(x + h) / factor, in h's layout."""
-    return _like((x + h) / factor, h, channels_inner)
+def scale_shift_norm_act(x: Tensor, before: Tensor | None, temb: Tensor, weight: Tensor, bias: Tensor, groups: int,
+                         eps: float, act: str | None, channels_inner: bool) -> Tensor:
+    """act(group_norm(x + before) * (1 + scale) + shift), scale and shift the two halves of the time embedding."""
+    scale, shift = temb.chunk(2, dim=1)
+    y = F.group_norm(_plus(x, before), groups, weight, bias, eps) * (1 + scale) + shift
+    return _like(_ACTIVATIONS[act](y), x, channels_inner)
 
 
-_FUNCTIONS = dict(norm_act=norm_act, add_norm_act=add_norm_act, scale_shift_norm_act=scale_shift_norm_act,
-                  residual=residual)
+def residual(h: Tensor, x: Tensor, before: Tensor | None, factor: float, channels_inner: bool) -> Tensor:
+    """(x + h + before) / factor, in h's layout."""
+    return _like((x + _plus(h, before)) / factor, h, channels_inner)
+
+
+_FUNCTIONS = dict(norm_act=norm_act, scale_shift_norm_act=scale_shift_norm_act, residual=residual)
 
 
 # The norms' weights are parameters, whose sizes dynamo would hold static (and with them the channels). The
@@ -125,32 +124,44 @@ def fusable_resnet(block: nn.Module) -> bool:
             and block.time_embedding_norm in ("default", "scale_shift"))
 
 
+def _unbiased(conv: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """conv(x) less its bias, and the bias as [C, 1], for the next compiled function to add: PyTorch adds a cuDNN
+    convolution's bias in a kernel of its own, one more pass over the whole output."""
+    if isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward and conv.bias is not None:
+        return conv._conv_forward(x, conv.weight, None), conv.bias[:, None]
+    return conv(x), None
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
 def resnet_forward(fns: dict, block: nn.Module, x: Tensor, temb: Tensor | None) -> Tensor:
-    """diffusers' ResnetBlock2D.forward at inference, its elementwise work by the compiled `fns`."""
+    """diffusers' ResnetBlock2D.forward at inference, its elementwise work (the convolutions' biases included) by
+    the compiled `fns`."""
     act, inner = _activation_name(block.nonlinearity), _channels_inner(x)
-    h = _call(fns["norm_act"], x, *_norm_args(block.norm1), act, inner)
+    h = _call(fns["norm_act"], x, None, *_norm_args(block.norm1), act, inner)
     resample = block.upsample or block.downsample
     if resample is not None:
         if block.upsample is not None and h.shape[0] >= 64:  # as diffusers: nearest upsampling fails in NHWC
             x, h = x.contiguous(), h.contiguous()
         x, h = resample(x), resample(h)
-    h = block.conv1(h)
+    h, before = _unbiased(block.conv1, h)
     if block.time_emb_proj is not None and temb is not None:
-        temb = block.time_emb_proj(temb if block.skip_time_act else block.nonlinearity(temb))[:, :, None, None]
+        temb = block.time_emb_proj(temb if block.skip_time_act else block.nonlinearity(temb))[:, :, None]
     if block.time_embedding_norm == "scale_shift":
-        h = _call(fns["scale_shift_norm_act"], h, temb, *_norm_args(block.norm2), act, inner)
-    elif temb is not None:
-        h = _call(fns["add_norm_act"], h, temb, *_norm_args(block.norm2), act, inner)
-    else:
-        h = _call(fns["norm_act"], h, *_norm_args(block.norm2), act, inner)
-    h = block.conv2(h)  # dropout is the identity at inference
+        h = _call(fns["scale_shift_norm_act"], h, before, temb, *_norm_args(block.norm2), act, inner)
+    else:  # the time embedding, [B, C, 1], added before the norm with the bias
+        h = _call(fns["norm_act"], h, _sum(before, temb), *_norm_args(block.norm2), act, inner)
+    h, after = _unbiased(block.conv2, h)  # dropout is the identity at inference
     if block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
-    return _call(fns["residual"], h, x, float(block.output_scale_factor), _channels_inner(h))
+        x, shortcut_bias = _unbiased(block.conv_shortcut, x)
+        after = _sum(after, shortcut_bias)
+    return _call(fns["residual"], h, x, after, float(block.output_scale_factor), _channels_inner(h))
 
 
 def norm_forward(fns: dict, norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    return _call(fns["norm_act"], x, *_norm_args(norm), None, _channels_inner(x))
+    return _call(fns["norm_act"], x, None, *_norm_args(norm), None, _channels_inner(x))
 
 
 def fuse(unet: nn.Module, resnet_class: type, backend: str) -> int:
