@@ -29,28 +29,30 @@ from mirage.backends.runtime import compile_regions
 BATCHES = (4, 16)  # an anagram's CFG batch, then candidates'
 
 
-def _calls(stage, channels_last: bool):
+def _calls(stage):
     embeds = torch.randn(2, 77, if_arch.NARROW.stage_1["encoder_hid_dim"], generator=torch.Generator().manual_seed(0))
     for n in BATCHES:
         x, cond = unet_inputs(stage, n, embeds)
-        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), 500, cond
+        yield x.contiguous(memory_format=torch.channels_last), 500, cond
 
 
 def child(root: Path, eager: bool) -> None:
-    """The first calls of both stages, stage I in NHWC as on a GPU; prints one JSON line."""
+    """The first calls of both stages, in NHWC as on a GPU (deepfloyd.py lays out both stages so there); prints
+    one JSON line."""
     from torch._dynamo.utils import counters
 
     torch.set_num_threads(2)
     s1, s2 = if_arch.build(root, if_arch.NARROW, torch.device("cpu"), torch.float32)
     one = load_stage(str(s1), device="cpu", dtype=torch.float32)
     two = load_stage(str(s2), device="cpu", dtype=torch.float32, text_encoder_from=str(s1))
-    one.unet().to(memory_format=torch.channels_last)
+    for stage in (one, two):
+        stage.unet().to(memory_format=torch.channels_last)
     start = time.perf_counter()
     with torch.inference_mode():
         for stage in (one, two):
             if not eager:
                 compile_regions(stage.unet(), backend="inductor", scope="fused")
-            for call in _calls(stage, stage is one):
+            for call in _calls(stage):
                 stage(*call)
     print(json.dumps(dict(seconds=time.perf_counter() - start, graphs=_unique_graphs(),
                           backend_compiles=int(counters["aot_autograd"]["total"]), phases=_compile_phases())))

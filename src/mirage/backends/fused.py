@@ -154,9 +154,8 @@ def resnet_forward(fns: dict, block: nn.Module, x: Tensor, temb: Tensor | None) 
     else:  # the time embedding, [B, C, 1], added before the norm with the bias
         h = _call(fns["norm_act"], h, _sum(before, temb), *_norm_args(block.norm2), act, inner)
     h, after = _unbiased(block.conv2, h)  # dropout is the identity at inference
-    if block.conv_shortcut is not None:
-        x, shortcut_bias = _unbiased(block.conv_shortcut, x)
-        after = _sum(after, shortcut_bias)
+    if block.conv_shortcut is not None:  # with its bias: a sum of two would be a new tensor, and under inference
+        x = block.conv_shortcut(x)  # mode one of other dispatch keys than the bias alone, so another graph
     return _call(fns["residual"], h, x, after, float(block.output_scale_factor), _channels_inner(h))
 
 
