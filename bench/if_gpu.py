@@ -244,9 +244,11 @@ def direct_call(unet, x, cond, dtype, device):
 
 
 def count_flops(fn) -> int:
+    """The FLOPs of one eager call. Compiled functions met under the counter's dispatch mode would run eagerly
+    from then on, so they are not entered here (it made eager code of fused's, bench/if_gpu_fused_bias_h100.log)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return counter.get_total_flops()
 

@@ -88,6 +88,18 @@ def test_attention_tokens_and_nhwc_maps_share_one_norm_graph():
     assert _unique_graphs() - before == 1
 
 
+def test_sizes_equal_in_the_first_trace_stay_two_symbols():
+    """Channels and tokens both 16 in the first call, then 20 tokens: one graph (duck shaping would make two)."""
+    torch._dynamo.reset()
+    fns, before = fused.compiled("aot_eager"), _unique_graphs()
+    norm = torch.nn.GroupNorm(4, 16).eval()
+    with torch.inference_mode():
+        for tokens in (16, 20):
+            x = torch.randn(3, 16, tokens)
+            torch.testing.assert_close(fused.norm_forward(fns, norm, x), norm(x))
+    assert _unique_graphs() - before == 1
+
+
 def test_more_variants_than_dynamos_default_limit_all_run_compiled():
     """Past recompile_limit (8) dynamo would run a function's further variants eagerly, saying nothing."""
     torch._dynamo.reset()

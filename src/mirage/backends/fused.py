@@ -77,12 +77,15 @@ _FUNCTIONS = dict(norm_act=norm_act, scale_shift_norm_act=scale_shift_norm_act, 
 # dynamo would run the rest eagerly, unannounced: each layout, activation and grad mode is a graph, so room.
 _DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False, specialize_int=True, specialize_float=True,
                         recompile_limit=64)
+# Sizes equal in the first trace (channels and tokens both 64, say) would be one symbol ("duck shaping"), and a
+# later call where they differ a new graph.
+_SHAPE_SETTINGS = dict(use_duck_shape=False)
 
 
 def _symbolic(fn):
     @functools.wraps(fn)
     def call(*args):
-        with torch._dynamo.config.patch(**_DYNAMO_SETTINGS):
+        with torch._dynamo.config.patch(**_DYNAMO_SETTINGS), torch.fx.experimental._config.patch(**_SHAPE_SETTINGS):
             return fn(*args)
     return call
 
