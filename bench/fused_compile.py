@@ -37,8 +37,8 @@ def _calls(stage):
 
 
 def child(root: Path, eager: bool) -> None:
-    """The first calls of both stages, in NHWC as on a GPU (deepfloyd.py lays out both stages so there); prints
-    one JSON line."""
+    """The first calls of both stages, in NHWC as on a GPU under the fused scope (runtime.py lays them out so);
+    prints one JSON line."""
     from torch._dynamo.utils import counters
 
     torch.set_num_threads(2)

@@ -579,9 +579,8 @@ def main(argv=None) -> int:
               f"was 30 % slower on an H100, its group norms):", flush=True)
         x, cond = unet_inputs(two, b.batches[0], e2)
         flops = count_flops(direct_call(two.unet(), x, cond, b.dtype, b.device))
-        for channels_last in (False, True):
-            stage = two if not channels_last else load_stage(str(s2), b.device, b.dtype, text_encoder_from=str(s1),
-                                                             compile=args.scope)
+        for channels_last in (False, True):  # each layout forced on a copy of stage II (runtime.py chooses one)
+            stage = load_stage(str(s2), b.device, b.dtype, text_encoder_from=str(s1), compile=args.scope)
             stage.channels_last = channels_last  # read when the UNet loads
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -591,8 +590,7 @@ def main(argv=None) -> int:
             if "profile" not in skip and not b.tiny:  # where each layout's time goes (no graphs)
                 profile_call(b, f"stage_II_{layout_of(stage.unet())}_{args.scope}",
                              direct_call(stage.unet(), x, cond, b.dtype, b.device))
-            if stage is not two:
-                stage.free()
+            stage.free()
 
     def anagram():
         mirage_anagram(b, one, two, e1, e2, [0], b.steps)  # warm-up: graphs for these shapes

@@ -78,8 +78,9 @@ class IFStage(UNetRuntime):
                               f"pass it as {'--upscaler' if self.is_upscaler else '--model'}")
         self.text = PromptEncoder(text_encoder or ref, self._device, self._dtype, cache_dir, memory)
         # Channels-last weights and inputs when resident on a GPU: measured on an H100 (bench/if_gpu.py), they
-        # make IF-I-XL's call at 64 px 20 % faster and IF-II-L's at 256 px 30 % slower (its group norms).
-        self._init_runtime(memory, compile, channels_last=not self.is_upscaler)
+        # make IF-I-XL's call at 64 px 20 % faster and IF-II-L's at 256 px 30 % slower eagerly (its group norms),
+        # 7 % faster where the fused scope compiles those (runtime.py decides as the UNet loads).
+        self._init_runtime(memory, compile, channels_last=None if self.is_upscaler else True)
 
     @property
     def is_upscaler(self) -> bool:

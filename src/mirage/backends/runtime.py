@@ -42,16 +42,14 @@ from mirage.engine.denoiser import Cond, space_shape
 COMPILE_MODE = "default"
 COMPILE_BACKEND = "inductor"
 # What is compiled: "blocks", each resnet and attention block whole; "fused", only the elementwise work around
-# the convolutions and attention (fused.py: a few graphs with every size symbolic). The trade, measured on one
-# H100 in one run (bench/if_gpu_fused_h100.log, bench/if_gpu_blocks_h100.log): "fused" starts a fresh process in
-# 39 s on an empty cache and 16 s on a warm one (10 graphs) but runs stage I at 32.9 ms a step (batch 4) and
-# stage II at 64.1 ms, little better than eager's 41.8 and 65.7; "blocks" runs them at 25.4 and 41.1 ms, so a
-# 2-view anagram takes 2.08 s against fused's 2.99 s. Beyond what an eager fresh process spends on its first
-# calls, fused compiles for 34.5 s cold and 8.9 s warm (bench/if_gpu_fused_views_h100.log; dynamo 24.4 and 5.0 s
-# of it, against 32.4 and 7.2 s with the earlier fused.py on that machine, bench/if_gpu_fused_before_h100.log;
-# runs vary by a few seconds: bench/if_gpu_fresh_fused_h100.log had 30.4 and 9.1), and NHWC does not help its
-# stage II (77.8 ms against NCHW's 63.9). Speed is what a session of many images pays for, so "blocks" stays the
-# default and "fused" is for one-off runs.
+# the convolutions and attention (fused.py: a few graphs with every size symbolic). The trade, measured on H100s
+# (bench/if_gpu_fused_bias_h100.log, bench/if_gpu_fused_pyc_h100.log: three fresh-process runs): beyond what an
+# eager fresh process spends on its first calls (6.6-9.3 s), "fused" compiles for 26.6-33.3 s on an empty cache
+# and 5.2-8.1 s on a warm one (9 graphs, stage II then still NCHW; NHWC for both stages makes 5 on a CPU,
+# bench/fused_compile_cpu.log), and runs stage I at 33 ms a call (batch 4; eager 42.5) and stage II at 56.3 ms
+# NHWC (60.7 NCHW; eager 66.3): a 2-view anagram in 2.93 s against eager's 3.35-3.51. "blocks" runs them at 25.4
+# and 41.1 ms, the anagram in 2.08 s (bench/if_gpu_blocks_h100.log), but compiles for minutes. Speed is what a
+# session of many images pays for, so "blocks" stays the default and "fused" is for one-off runs.
 COMPILE_SCOPES = ("blocks", "fused")
 COMPILE_SCOPE = "blocks"
 
@@ -70,13 +68,14 @@ class UNetRuntime(Placed):
     too; False never compiles; a scope name (COMPILE_SCOPES) is True with that scope, True takes COMPILE_SCOPE.
     Nothing is compiled off a GPU, nor under blocks, whose streaming hooks compiled
     code would not run. `execution` says what the loaded UNet runs as. `channels_last`: the resident weights
-    and inputs laid out NHWC (a measured per-model choice).
+    and inputs laid out NHWC (a measured per-model choice); None: NHWC where the fused scope compiles the UNet
+    (`nhwc`, decided as it loads), NCHW elsewhere. Eager group norms are slow in NHWC, compiled ones are not.
     """
 
     ref: str
     folder: Path
 
-    def _init_runtime(self, memory_plan: str, compile: bool | str | None, channels_last: bool) -> None:
+    def _init_runtime(self, memory_plan: str, compile: bool | str | None, channels_last: bool | None) -> None:
         memory.check_plan(memory_plan)
         if isinstance(compile, str):
             check_scope(compile)
@@ -86,6 +85,7 @@ class UNetRuntime(Placed):
         self._graphs = None
         self._offloaded = None  # under offload: the UNet, its weights in RAM while the model is freed
         self.channels_last = channels_last
+        self.nhwc = False  # whether the loaded UNet's weights and inputs are NHWC
         self.use_graphs = True  # capture CUDA graphs when the whole UNet is on a GPU
         self.compile_request = compile if not isinstance(compile, str) else True  # None: auto; True / False
         # torch.compile's mode where the UNet runs compiled (decided per plan as it loads); None: never compiled
@@ -117,15 +117,16 @@ class UNetRuntime(Placed):
 
     def _load(self, plan: memory.Plan):
         device = memory.compute_device(plan, self._device)
+        why_eager = self._why_eager(plan, device)
         if self._offloaded is not None:  # offload: the weights are in RAM already
             self._offloaded.mirage_offload.to_device()
             unet = self._offloaded
         else:
             resident = plan.name == "gpu" and device.type == "cuda"
-            unet = hub.load_unet(self.folder, hub.UNET, device, self._dtype, plan, resident and self.channels_last)
+            self.nhwc = resident and self._wants_nhwc(compiled=why_eager is None)
+            unet = hub.load_unet(self.folder, hub.UNET, device, self._dtype, plan, self.nhwc)
             self._offloaded = unet if plan.name == "offload" else None
         graphs = plan.name in ("gpu", "offload") and device.type == "cuda" and self.use_graphs
-        why_eager = self._why_eager(plan, device)
         self.compiled = why_eager is None
         if self.compiled:
             compile_regions(unet, self.compile, layout=_layout(unet), scope=self.compile_scope)
@@ -141,6 +142,13 @@ class UNetRuntime(Placed):
             memory.note_plan(self.ref, plan, device, f": UNet runs {self.execution}"
                              + (f"; compiled code is cached in {inductor_cache_dir()}" if self.compiled else ""))
         return unet
+
+    def _wants_nhwc(self, compiled: bool) -> bool:
+        # measured on an H100 (bench/if_gpu_fused_pyc_h100.log): IF-II-L's call at 256 px, batch 4, under the fused
+        # scope takes 56.3 ms NHWC and 60.7 ms NCHW; eagerly NHWC is 30 % slower
+        if self.channels_last is None:
+            return compiled and self.compile_scope == "fused"
+        return self.channels_last
 
     def _why_eager(self, plan: memory.Plan, device: torch.device) -> str | None:
         """None where the UNet's blocks are compiled under `plan`, else why they run eagerly."""
@@ -188,7 +196,7 @@ class UNetRuntime(Placed):
         device = memory.compute_device(self.plan, self._device)
         inp = x if cond.image is None else torch.cat([x, cond.image.to(x)], dim=1)
         inp = inp.to(device, self._dtype)
-        if self.plan.name == "gpu" and device.type == "cuda" and self.channels_last:
+        if self.nhwc:
             inp = inp.contiguous(memory_format=torch.channels_last)  # as the resident weights are laid out
         level = None if cond.level is None else cond.level.to(device)
         embeds = cond.embeds.to(device, self._dtype)
