@@ -497,6 +497,10 @@ def main(argv=None) -> int:
           flush=True)
     seconds, (s1, s2) = b.wall(lambda: if_arch.build(args.root, b.arch, b.device))
     b.note("build_s", seconds, f"built (or found) random weights in {args.root}: {seconds:.1f} s")
+    if sys.flags.dont_write_bytecode:  # the lent GPU machines: torch's modules would compile from source each time
+        print("note: this Python writes no bytecode (PYTHONDONTWRITEBYTECODE): unless site-packages holds it, as a "
+              "pip install leaves it, each fresh process compiles the modules it imports (dynamo's, inductor's: "
+              "seconds); `python -m compileall -q -j 16` over site-packages first", flush=True)
 
     def fresh_runs(plan):
         for label, cap in plan:
