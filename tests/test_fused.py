@@ -171,6 +171,22 @@ def test_fused_resnets_convolve_without_bias_and_add_it_in_the_compiled_function
         mode.biases.clear()
 
 
+def test_a_residual_factor_other_than_one_is_no_graph_of_its_own():
+    """IF-II's mid-block resnets divide their sum by 1.414: that block compiles nothing the others have not."""
+    torch.manual_seed(0)
+    kw = dict(in_channels=16, out_channels=16, temb_channels=24, groups=8, eps=1e-6)
+    plain, scaled = (ResnetBlock2D(output_scale_factor=f, **kw).eval() for f in (1.0, 1.414))
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
+    torch._dynamo.reset()
+    fns = fused.compiled("aot_eager")
+    with torch.inference_mode():
+        fused.resnet_forward(fns, plain, x, temb)
+        before = _unique_graphs()
+        got = fused.resnet_forward(fns, scaled, x, temb)
+        torch.testing.assert_close(got, scaled(x, temb), atol=1e-5, rtol=1e-5)
+    assert _unique_graphs() == before
+
+
 def test_fused_group_norm_keeps_attentions_transposed_tokens():
     """Attention normalizes its (batch, tokens, channels) input transposed: the output keeps those strides."""
     norm = torch.nn.GroupNorm(4, 16).eval()

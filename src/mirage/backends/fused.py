@@ -63,16 +63,16 @@ def scale_shift_norm_act(x: Tensor, before: Tensor | None, temb: Tensor, weight:
     return _like(_ACTIVATIONS[act](y), x, channels_inner)
 
 
-def residual(h: Tensor, x: Tensor, before: Tensor | None, factor: float, channels_inner: bool) -> Tensor:
-    """(x + h + before) / factor, in h's layout."""
-    return _like((x + _plus(h, before)) / factor, h, channels_inner)
+def residual(h: Tensor, x: Tensor, before: Tensor | None, channels_inner: bool) -> Tensor:
+    """x + h + before, in h's layout."""
+    return _like(x + _plus(h, before), h, channels_inner)
 
 
 _FUNCTIONS = dict(norm_act=norm_act, scale_shift_norm_act=scale_shift_norm_act, residual=residual)
 
 
 # The norms' weights are parameters, whose sizes dynamo would hold static (and with them the channels). The
-# groups, eps and factors are constants of a model: made symbolic, as dynamic=True would, they are specialized
+# groups and eps are constants of a model: made symbolic, as dynamic=True would, they are specialized
 # while tracing, and the trace restarts and compiles its graph again. Past recompile_limit graphs of one function
 # dynamo would run the rest eagerly, unannounced: each layout, activation and grad mode is a graph, so room.
 _DYNAMO_SETTINGS = dict(force_parameter_static_shapes=False, specialize_int=True, specialize_float=True,
@@ -159,7 +159,10 @@ def resnet_forward(fns: dict, block: nn.Module, x: Tensor, temb: Tensor | None) 
     h, after = _unbiased(block.conv2, h)  # dropout is the identity at inference
     if block.conv_shortcut is not None:  # with its bias: a sum of two would be a new tensor, and under inference
         x = block.conv_shortcut(x)  # mode one of other dispatch keys than the bias alone, so another graph
-    return _call(fns["residual"], h, x, after, float(block.output_scale_factor), _channels_inner(h))
+    out = _call(fns["residual"], h, x, after, _channels_inner(h))
+    # a factor other than 1 (IF-II's two mid-block resnets, at its lowest resolution) is divided eagerly: as a
+    # constant of the compiled function it would be a graph of its own, seconds of compiling for two small blocks
+    return out if block.output_scale_factor == 1 else out / block.output_scale_factor
 
 
 def norm_forward(fns: dict, norm: nn.GroupNorm, x: Tensor) -> Tensor:
