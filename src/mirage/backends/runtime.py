@@ -45,8 +45,8 @@ COMPILE_BACKEND = "inductor"
 # the convolutions and attention (fused.py: a few graphs with every size symbolic). The trade, measured on H100s
 # (bench/if_gpu_fused_bias_h100.log, bench/if_gpu_fused_pyc_h100.log: three fresh-process runs): beyond what an
 # eager fresh process spends on its first calls (6.6-9.3 s), "fused" compiles for 26.6-33.3 s on an empty cache
-# and 5.2-8.1 s on a warm one (9 graphs, stage II then still NCHW; NHWC for both stages makes 5 on a CPU,
-# bench/fused_compile_cpu.log), and runs stage I at 33 ms a call (batch 4; eager 42.5) and stage II at 56.3 ms
+# and 5.2-8.1 s on a warm one (9 graphs, stage II then still NCHW; with both stages NHWC it is 4, counted on a
+# CPU, bench/fused_compile_cpu.log), and runs stage I at 33 ms a call (batch 4; eager 42.5) and stage II at 56.3 ms
 # NHWC (60.7 NCHW; eager 66.3): a 2-view anagram in 2.93 s against eager's 3.35-3.51. "blocks" runs them at 25.4
 # and 41.1 ms, the anagram in 2.08 s (bench/if_gpu_blocks_h100.log), but compiles for minutes. Speed is what a
 # session of many images pays for, so "blocks" stays the default and "fused" is for one-off runs.
