@@ -74,31 +74,33 @@ def test_each_fused_graph_is_traced_and_compiled_once(stages):
     assert counters["aot_autograd"]["total"] == graphs
 
 
-def test_attention_tokens_and_nhwc_maps_share_one_norm_graph():
-    """The compiled functions see [B, C, L]: a norm over attention's transposed tokens and one over an NHWC map,
-    of any widths, are one graph."""
+def _norm_graphs(cases) -> int:
+    """New dynamo graphs while fused's group norm runs each (norm, input) of `cases` (made under inference mode,
+    as the sampler makes its tensors), each result checked against the norm's own."""
     torch._dynamo.reset()
     fns, before = fused.compiled("aot_eager"), _unique_graphs()
     with torch.inference_mode():
+        for norm, x in cases:
+            torch.testing.assert_close(fused.norm_forward(fns, norm, x), norm(x))
+    return _unique_graphs() - before
+
+
+def test_attention_tokens_and_nhwc_maps_share_one_norm_graph():
+    """The compiled functions see [B, C, L]: a norm over attention's transposed tokens and one over an NHWC map,
+    of any widths, are one graph."""
+    def cases():
         for width in (16, 32):
             norm = torch.nn.GroupNorm(4, width).eval()
-            tokens = torch.randn(2, 20, width).transpose(1, 2)
-            image = torch.randn(3, width, 6, 5).contiguous(memory_format=torch.channels_last)
-            for x in (tokens, image):
-                torch.testing.assert_close(fused.norm_forward(fns, norm, x), norm(x))
-    assert _unique_graphs() - before == 1
+            yield norm, torch.randn(2, 20, width).transpose(1, 2)  # attention's tokens
+            yield norm, torch.randn(3, width, 6, 5).contiguous(memory_format=torch.channels_last)
+
+    assert _norm_graphs(cases()) == 1
 
 
 def test_sizes_equal_in_the_first_trace_stay_two_symbols():
     """Channels and tokens both 16 in the first call, then 20 tokens: one graph (duck shaping would make two)."""
-    torch._dynamo.reset()
-    fns, before = fused.compiled("aot_eager"), _unique_graphs()
     norm = torch.nn.GroupNorm(4, 16).eval()
-    with torch.inference_mode():
-        for tokens in (16, 20):
-            x = torch.randn(3, 16, tokens)
-            torch.testing.assert_close(fused.norm_forward(fns, norm, x), norm(x))
-    assert _unique_graphs() - before == 1
+    assert _norm_graphs((norm, torch.randn(3, 16, tokens)) for tokens in (16, 20)) == 1
 
 
 def test_more_variants_than_dynamos_default_limit_all_run_compiled():
